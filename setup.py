@@ -1,0 +1,41 @@
+"""Install: `pip install .` or `pip install -e .` (add `[test]` for the test suite, `[gpu]` for liger-kernel).
+
+`repbend.kernels` lives in the top-level folder `kernels/` and is mapped into the `repbend` package with
+`package_dir`, so that it is importable only as `repbend.kernels` (a top-level `kernels` module would shadow
+Hugging Face's own `kernels` package, which transformers probes for).
+"""
+from setuptools import find_packages, setup
+
+_repbend_pkgs = find_packages(include=["repbend", "repbend.*"])
+
+setup(
+    name="repbend",
+    version="0.1.0",
+    description="Fast, exact Representation Bending (RepBend) LoRA training for LLM safety",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=_repbend_pkgs + ["repbend.kernels"],
+    package_dir={"repbend": "repbend", "repbend.kernels": "kernels"},
+    package_data={"repbend": ["configs/*.yaml", "demo/templates/*.jinja"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.45",
+        "peft>=0.13",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "tokenizers",
+        "safetensors",
+        "pyarrow",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "gpu": ["liger-kernel"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": ["repbend = repbend.cli:main"]},
+)
