@@ -1,0 +1,1 @@
+"""Fused RepBend loss kernels."""
