@@ -1,0 +1,164 @@
+"""Model and tokenizer loading, the LoRA adapters, the attention backend and optional Liger patches.
+
+One model object serves both passes of a RepBend step: the reference pass runs it with the adapters
+disabled, the trained pass with them enabled (see `repbend.passes`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" -> the CUDA device of this process (LOCAL_RANK under torchrun) when there is one, else CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            import os
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" -> bf16 on GPU, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in names:
+        raise ValueError(f"model.dtype must be auto, {', '.join(names)}; got {dtype!r}")
+    return names[dtype]
+
+
+def resolve_attention(attn: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"auto" -> flash_attention_2 on CUDA with bf16/fp16 when flash-attn is installed, else sdpa."""
+    if attn != "auto":
+        return attn
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # only used to fill padding; padded positions are masked everywhere
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"the tokenizer in {path} has no chat template; RepBend renders every example with it")
+    return tok
+
+
+def load_model_and_tokenizer(path: str, *, adapter: str | None = None, dtype: str | torch.dtype = "auto",
+                             device: str = "auto", attn_implementation: str = "auto", liger: bool = False):
+    """Load an HF causal LM (local directory, or a hub name where the network allows) and its tokenizer.
+
+    bf16 on GPU and fp32 on CPU by default; sdpa attention, or flash-attn 2 when installed on GPU. With
+    `adapter`, a PEFT adapter directory is loaded on top (not merged). Returns (model, tokenizer), model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if liger:
+        apply_liger_patches(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dt, attn_implementation=resolve_attention(attn_implementation, dev, dt)
+    ).to(dev)
+    tokenizer = load_tokenizer(path)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tokenizer
+
+
+def apply_liger_patches(path: str) -> bool:
+    """Liger-kernel's RMSNorm/RoPE/SwiGLU patches for the model's family, when installed and on CUDA.
+
+    Off by default (`model.liger`). The patched ops only change speed, not the loss: the cross-entropy and
+    fused-linear patches stay off because RepBend never computes full-vocabulary logits.
+    """
+    if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+        log.warning("model.liger: liger-kernel is not installed or no GPU is present; continuing without it")
+        return False
+    from liger_kernel.transformers import _apply_liger_kernel
+
+    _apply_liger_kernel(_model_type(path), rms_norm=True, rope=True, swiglu=True, cross_entropy=False,
+                        fused_linear_cross_entropy=False)
+    return True
+
+
+def _model_type(path: str) -> str:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).model_type
+
+
+def unwrap(model):
+    """The HF causal LM inside any DDP (`.module`) and PEFT (`get_base_model()`) wrappers."""
+    m = model
+    while True:
+        if isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            m = m.module
+        elif hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        else:
+            return m
+
+
+def backbone(model):
+    """The decoder stack (e.g. `LlamaModel`: embeddings, layers, final norm) under the causal-LM head."""
+    m = unwrap(model)
+    inner = m.get_decoder() if hasattr(m, "get_decoder") else getattr(m, "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise ValueError(f"cannot find the decoder stack of {type(m).__name__}: expected `.model.layers`")
+    return inner
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return backbone(model).layers
+
+
+def lm_head(model) -> torch.nn.Linear:
+    head = unwrap(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no output embeddings (lm_head)")
+    return head
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
+    layers_to_transform: Sequence[int] | None = None
+
+
+def attach_lora(model, settings: LoraSettings, layers_to_transform: Sequence[int]):
+    """Wrap `model` with fresh PEFT LoRA adapters on `settings.target_modules` of the decoder layers
+    `layers_to_transform`. The base weights are frozen; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = len(decoder_layers(model))
+    bad = [i for i in layers_to_transform if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"lora.layers_to_transform {bad} out of range: the model has {n_layers} decoder layers")
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules), layers_to_transform=list(layers_to_transform),
+        bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

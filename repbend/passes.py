@@ -1,0 +1,110 @@
+"""The two forward passes of a RepBend step, and what each one keeps.
+
+Hidden-state index i follows HF's `output_hidden_states` convention: 0 = the embedding output, i = the output
+of decoder layer i-1, n_layers = the final normed output. Forward hooks on the embedding, the decoder layers and
+the final norm capture just the indices a step needs, so no pass ever holds (or stacks) all layers:
+
+- the reference pass (adapters disabled, eval mode, no_grad) keeps only the rows each term reads, gathered
+  as soon as a layer has run (`[n_rows, D]` per index, in the model's dtype);
+- the trained pass (adapters on, train mode) keeps references to the needed layers' outputs, which autograd
+  holds anyway; the loss kernels read the masked rows from them in place.
+
+Neither pass computes logits: the KL term projects the retain rows itself (`repbend.kernels.linear_kl`).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from .model import backbone
+
+
+def _output_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class HiddenCapture:
+    """Capture hidden-state indices of one forward pass.
+
+    `wanted` maps an index to None (keep the full `[R, T, D]` output) or to a flat index tensor (keep only
+    `out.flatten(0, 1)[idx]`; several terms' index tensors may be given as a tuple, giving a tuple back).
+    """
+
+    def __init__(self, model, wanted: dict[int, object]):
+        self.decoder = backbone(model)
+        self.n_layers = len(self.decoder.layers)
+        self.wanted = wanted
+        self.kept: dict[int, object] = {}
+        self._handles = []
+        self._active = False
+
+    def _module_for(self, index: int):
+        if index == 0:
+            return self.decoder.embed_tokens
+        if index == self.n_layers:
+            return self.decoder.norm
+        if 0 < index < self.n_layers:
+            return self.decoder.layers[index - 1]
+        raise ValueError(f"hidden-state index {index} out of range 0..{self.n_layers}")
+
+    def _hook(self, index: int) -> Callable:
+        def hook(module, args, out):
+            if not self._active:  # e.g. the recompute of gradient checkpointing in the backward
+                return
+            h = _output_tensor(out)
+            sel = self.wanted[index]
+            if sel is None:
+                self.kept[index] = h
+            else:
+                flat = h.reshape(-1, h.shape[-1])
+                self.kept[index] = (tuple(flat.index_select(0, s) for s in sel) if isinstance(sel, tuple)
+                                    else flat.index_select(0, sel))
+        return hook
+
+    def __enter__(self):
+        for index in sorted(self.wanted):
+            self._handles.append(self._module_for(index).register_forward_hook(self._hook(index)))
+        self._active = True
+        return self
+
+    def __exit__(self, *exc):
+        self._active = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def run_backbone(model, batch, runner=None):
+    """One forward of the decoder stack (no LM head) over the batch's rows. `runner` is the module to call
+    (the backbone, or its DDP wrapper: see `repbend.distributed.wrap_model`); default `backbone(model)`."""
+    attn = batch.packed_attention if batch.packed_attention is not None else batch.attention_mask
+    runner = runner if runner is not None else backbone(model)
+    return runner(input_ids=batch.input_ids, attention_mask=attn, position_ids=batch.position_ids, use_cache=False)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The original model: PEFT adapters off and eval mode (no dropout), restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def reference_pass(model, batch, wanted: dict[int, object], runner=None) -> dict[int, object]:
+    """Adapters disabled, eval mode, no_grad: return the gathered rows named by `wanted` (index -> flat idx)."""
+    with torch.no_grad(), adapters_disabled(model), HiddenCapture(model, wanted) as cap:
+        run_backbone(model, batch, runner)
+    return cap.kept
+
+
+def trained_pass(model, batch, indices, runner=None) -> dict[int, torch.Tensor]:
+    """Adapters on, in the model's current (train) mode: the full outputs of the hidden-state `indices`."""
+    with HiddenCapture(model, {i: None for i in indices}) as cap:
+        run_backbone(model, batch, runner)
+    return cap.kept
