@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LossConfig
+from .packing import first_fit_decreasing
 
 
 @dataclass
@@ -53,7 +54,6 @@ class StepBatch:
     pair_len: int                  # R' of L_pair (0 when there are no pairs)
     useful_tokens: int             # real (non-padding) tokens in the input
     seq_ids: torch.Tensor | None = None   # [R, T] int: sequence number per position, -1 = pad
-    packed_attention: torch.Tensor | None = None  # [R, 1, T, T] bool block-causal mask when rows are packed
 
     @property
     def shape(self):
@@ -90,16 +90,20 @@ def pair_length(safe_pairs, unsafe_pairs, paired_repr_length: int) -> int:
     return max(0, min(paired_repr_length, shortest))
 
 
-def collate(micro, loss: LossConfig, pad_id: int, placements: list[Placement] | None = None,
-            n_rows: int | None = None, row_len: int | None = None) -> StepBatch:
+def collate(micro, loss: LossConfig, pad_id: int, pack_length: int | None = None) -> StepBatch:
     """Lay out `micro` (a `repbend.data.sampler.MicroBatch`) as one input and build every term's token set.
 
-    Without `placements` each sequence gets its own row, padded on the right to the longest one. With
-    `placements` (from `repbend.packing`), sequences share rows as placed; `n_rows`/`row_len` give the shape.
+    Without `pack_length` each sequence gets its own row, padded on the right to the longest one. With it,
+    sequences share rows of at most `pack_length` tokens (`repbend.packing`). Either way every sequence's
+    position ids start at 0 and padding continues the positions of its row's last sequence, so no attention
+    mask is needed: causal attention never lets a real token see the padding after it.
     The order of sequences is safe, then unsafe, then retain.
     """
     seqs = list(micro.safe) + list(micro.unsafe) + list(micro.retain)
-    if placements is None:
+    if pack_length:
+        where, n_rows, row_len = first_fit_decreasing([len(s.input_ids) for s in seqs], pack_length)
+        placements = [Placement(r, c, len(s.input_ids), s.request_len) for (r, c), s in zip(where, seqs)]
+    else:
         placements = [Placement(i, 0, len(s.input_ids), s.request_len) for i, s in enumerate(seqs)]
         n_rows, row_len = len(seqs), max(len(s.input_ids) for s in seqs)
     n_safe, n_unsafe, n_retain = len(micro.safe), len(micro.unsafe), len(micro.retain)
@@ -142,6 +146,12 @@ def collate(micro, loss: LossConfig, pad_id: int, placements: list[Placement] | 
                   for j in range(n_pairs) for i in range(plen)]
     order = sorted(range(len(lora_order)), key=lambda i: lora_order[i])
     pair_ref_index = torch.tensor([ref_index[i] for i in order], dtype=torch.long)
+
+    for row in range(n_rows):  # padding continues the positions of the row's last sequence
+        used = int(attn[row].sum())
+        if used < row_len:
+            last = int(pos[row, used - 1]) + 1 if used else 0
+            pos[row, used:] = torch.arange(last, last + row_len - used)
 
     retain_index = torch.tensor(
         [flat(k, t) for k in range(n_safe + n_unsafe, len(seqs)) for t in range(placements[k].length)],

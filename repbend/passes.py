@@ -79,9 +79,9 @@ class HiddenCapture:
 def run_backbone(model, batch, runner=None):
     """One forward of the decoder stack (no LM head) over the batch's rows. `runner` is the module to call
     (the backbone, or its DDP wrapper: see `repbend.distributed.wrap_model`); default `backbone(model)`."""
-    attn = batch.packed_attention if batch.packed_attention is not None else batch.attention_mask
     runner = runner if runner is not None else backbone(model)
-    return runner(input_ids=batch.input_ids, attention_mask=attn, position_ids=batch.position_ids, use_cache=False)
+    # no attention mask: the position ids delimit the sequences of packed rows, and right padding is never seen
+    return runner(input_ids=batch.input_ids, attention_mask=None, position_ids=batch.position_ids, use_cache=False)
 
 
 @contextlib.contextmanager

@@ -158,7 +158,8 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
         for k in range(t.grad_accum):  # micro index: a pure function of (step, k, rank), see the sampler
             index = (step * t.grad_accum + k) * dist.world_size + dist.rank
             micro = sampler(index)
-            batch = collate(micro, cfg.loss, tokenizer.pad_token_id).to(device)
+            batch = collate(micro, cfg.loss, tokenizer.pad_token_id,
+                            t.pack_length if t.packing else None).to(device)
             with autocast, dist.no_sync_unless(runner, k == t.grad_accum - 1):
                 terms = repbend_loss(model, batch, cfg.loss, n_layers, runner=runner)
                 (terms.total / t.grad_accum).backward()

@@ -187,3 +187,25 @@ def test_loss_and_grads_match_naive_recipe(mode, alpha_mode):
     assert any(g.abs().max() > 0 for g in want_g)
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["response_all", "request_last"])
+def test_packing_does_not_change_the_loss(mode):
+    model, tok = _model(seed=3)
+    cfg = LossConfig(mode=mode, target_layers="1-3", eta=0.0 if mode == "request_last" else 0.7)
+    micro = make_micro(B=3, vocab=len(tok), seed=5, request_only=cfg.request_only)
+    model.train()
+    plain = collate(micro, cfg, tok.pad_token_id)
+    packed = collate(micro, cfg, tok.pad_token_id, pack_length=64)
+    n_seqs = len(micro.safe) + len(micro.unsafe) + len(micro.retain)
+    assert plain.shape[0] == n_seqs and packed.shape[0] < n_seqs // 2  # really packed
+    assert packed.useful_tokens == plain.useful_tokens
+    a = repbend_loss(model, plain, cfg, n_layers=N_LAYERS, impl="torch")
+    ga = _grads(model, a.total)
+    b = repbend_loss(model, packed, cfg, n_layers=N_LAYERS, impl="torch")
+    gb = _grads(model, b.total)
+    for k, v in a.parts.items():
+        if v is not None:
+            torch.testing.assert_close(b.parts[k], v, rtol=1e-4, atol=1e-6, msg=f"term {k}")
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
