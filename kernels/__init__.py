@@ -1,1 +1,19 @@
-"""Fused RepBend loss kernels."""
+"""repbend.kernels: the fused RepBend loss kernels (Triton on CUDA, eager PyTorch on the CPU).
+
+Imports nothing but torch and triton, so other trainers can use them directly:
+
+    from repbend.kernels import rep_distance, pairwise_cosine_loss, linear_kl
+
+- `rep_distance(hidden, ref, mask)`: per-layer sums of ||h - r||_2 and cos(h, r) over masked tokens.
+- `pairwise_cosine_loss(x)`: mean over layers of the mean over ordered pairs i != j of 1 - cos(x_i, x_j).
+- `linear_kl(hidden, ref_hidden, weight, temperature)`: T^2 * sum_n KL(softmax(ref W^T/T) || softmax(h W^T/T))
+  without ever materialising the [N, V] logits.
+
+Every function takes impl="auto" | "triton" | "torch" and returns float32 results.
+"""
+from .linear_kl import LinearKL, linear_kl
+from .pairwise_cosine import PairwiseCosineLoss, pairwise_cosine_loss
+from .rep_distance import RepDistance, RepDistanceLoss, rep_distance
+
+__all__ = ["rep_distance", "RepDistance", "RepDistanceLoss", "pairwise_cosine_loss", "PairwiseCosineLoss",
+           "linear_kl", "LinearKL"]
