@@ -1,0 +1,259 @@
+"""`repbend eval`: benchmarks -> attacks -> generations.jsonl -> judges -> summary.
+
+Phases, each resumable from `OUTPUT/generations.jsonl`:
+1. generate: every (benchmark, id, attack) without a row in the file is generated (the input-embedding attack first
+   optimises its soft prompts); rows are appended after each batch, so a killed run loses one batch at most.
+2. judge: for each judge, rows that lack its verdict are judged (one classifier in memory at a time, after the
+   evaluated model is released) and the file is rewritten atomically.
+3. summary.json / summary.md over the rows of the requested jobs (see `summary.py`), with every verdict those rows
+   carry (a judge run earlier on the same output directory stays in the summary).
+Resume is keyed by (benchmark, id, attack) only: use a new output directory when the model, adapter or generation
+settings change.
+
+A row: benchmark, id, attack, behavior_id, subset, prompt (the user message exactly as sent, context included),
+behavior, context, prefill (prefill attack), attack_info (input_embed: steps, loss), generation, n_new_tokens,
+verdicts {judge: label}, judge_raw {judge: the classifier's raw output}.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import attacks as atk
+from . import generation as gen
+from .benchmarks import Item, read_harmbench, read_transfer, read_xstest
+from .judges import ClassifierJudge, judge_applies, keyword_verdict
+from .summary import summarize, write_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    model_path: str
+    output: str
+    adapter: str | None = None
+    harmbench: str | None = None
+    harmbench_targets: str | None = None  # JSON BehaviorID -> target, for the HarmBench CSV
+    xstest: str | None = None
+    attacks: list[str] = field(default_factory=lambda: ["direct"])
+    transfer: str | None = None
+    judges: list[tuple[str, str | None]] = field(default_factory=lambda: [("keywords", None)])
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    limit: int | None = None  # the first N items of each benchmark (smoke runs)
+    dtype: str = "auto"
+    device: str = "auto"
+    embed_tokens: int = 20
+    embed_steps: int = 500
+    embed_lr: float = 1e-3
+    embed_stop_loss: float = 0.05
+    embed_batch_size: int = 8
+    judge_batch_size: int = 8
+
+    def __post_init__(self):
+        if not self.harmbench and not self.xstest:
+            raise ValueError("nothing to evaluate: give --harmbench and/or --xstest")
+        unknown = [a for a in self.attacks if a not in atk.ATTACKS]
+        if unknown:
+            raise ValueError(f"unknown attack(s) {unknown}; known: {', '.join(atk.ATTACKS)}")
+        if "transfer" in self.attacks and not self.transfer:
+            raise ValueError("the transfer attack needs --transfer FILE")
+        for name, path in self.judges:
+            if name not in ("keywords", "harmbench", "wildguard"):
+                raise ValueError(f"unknown judge {name!r}; known: keywords, harmbench=DIR, wildguard=DIR")
+            if name != "keywords" and not path:
+                raise ValueError(f"judge {name} needs a classifier directory: {name}=DIR")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("gen.max_new_tokens and gen.batch_size must be >= 1")
+
+
+def load_model(path, adapter=None, dtype="auto", device="auto"):
+    """The model (adapter on top, not merged) and tokenizer, frozen and in eval mode."""
+    from repbend.model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(path, adapter=adapter, dtype=dtype, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def load_classifier(path, dtype="auto", device="auto"):
+    """A judge model and its tokenizer. Unlike `load_model`, no chat template is required: the classifiers are
+    prompted with their own fixed text formats (the HarmBench Llama-2 classifier ships without a template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from repbend.model import resolve_attention, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dt, attn_implementation=resolve_attention("auto", dev, dt)).to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked; it only fills the left of short rows
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def _free_memory():
+    """Return the memory of a model the caller has just dropped (the next model loads into it)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- generations.jsonl -------------------------------------------------------------------------------------------
+def row_key(row: dict) -> tuple[str, str, str]:
+    return (row["benchmark"], row["id"], row["attack"])
+
+
+def read_rows(path: Path) -> dict[tuple, dict]:
+    """Rows by key (a later row replaces an earlier one); a torn last line (killed mid-write) is dropped."""
+    rows: dict[tuple, dict] = {}
+    if not path.exists():
+        return rows
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                log.warning("%s: dropping a truncated last line", path)
+                continue
+            raise ValueError(f"{path}:{n}: not valid JSON; remove the line or the file to regenerate") from None
+        rows[row_key(row)] = row
+    return rows
+
+
+def write_rows(path: Path, rows) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _new_row(job: atk.Job) -> dict:
+    item = job.item
+    row = {"benchmark": item.benchmark, "id": job.id, "attack": job.attack, "behavior_id": item.id,
+           "subset": item.subset, "prompt": job.prompt, "behavior": item.behavior, "context": item.context}
+    if job.prefill:
+        row["prefill"] = job.prefill
+    if job.info:
+        row["attack_info"] = dict(job.info)
+    return row
+
+
+# --- phases ------------------------------------------------------------------------------------------------------
+def load_items(cfg: EvalConfig) -> list[Item]:
+    items = []
+    if cfg.harmbench:
+        items += read_harmbench(cfg.harmbench, cfg.harmbench_targets)[:cfg.limit]
+    if cfg.xstest:
+        items += read_xstest(cfg.xstest)[:cfg.limit]
+    return items
+
+
+def generate_jobs(model, tokenizer, jobs: list[atk.Job], cfg: EvalConfig, sink) -> None:
+    """Generate every job, calling `sink(row)` for each finished row."""
+    stop_ids = gen.stop_token_ids(tokenizer, model)
+    plain = [j for j in jobs if j.attack != "input_embed"]
+    soft = [j for j in jobs if j.attack == "input_embed"]
+    bar = tqdm(total=len(jobs), desc="generate", unit="prompt", dynamic_ncols=True)
+    requests = [atk.job_request(tokenizer, j) for j in plain]
+    for idx, texts, counts in gen.iter_generate(model, tokenizer, requests, max_new_tokens=cfg.max_new_tokens,
+                                                batch_size=cfg.batch_size, stop_ids=stop_ids):
+        for i, text, n in zip(idx, texts, counts):
+            sink({**_new_row(plain[i]), "generation": text, "n_new_tokens": n})
+        bar.update(len(idx))
+    for start in range(0, len(soft), cfg.embed_batch_size):
+        chunk = soft[start:start + cfg.embed_batch_size]
+        requests = [atk.soft_slot_request(tokenizer, j) for j in chunk]
+        bar.set_postfix_str("optimising soft prompts")
+        prompts, losses, steps = atk.optimize_soft_prompts(
+            model, tokenizer, requests, [j.item.target for j in chunk], n_tokens=cfg.embed_tokens,
+            steps=cfg.embed_steps, lr=cfg.embed_lr, stop_loss=cfg.embed_stop_loss)
+        for r, p in zip(requests, prompts):
+            r.soft = p
+        for j, loss in zip(chunk, losses):
+            j.info = {"steps": steps, "loss": loss, "n_soft_tokens": cfg.embed_tokens}
+        for idx, texts, counts in gen.iter_generate(model, tokenizer, requests, max_new_tokens=cfg.max_new_tokens,
+                                                    batch_size=cfg.batch_size, stop_ids=stop_ids):
+            for i, text, n in zip(idx, texts, counts):
+                sink({**_new_row(chunk[i]), "generation": text, "n_new_tokens": n})
+            bar.update(len(idx))
+    bar.close()
+
+
+def judge_rows(rows: list[dict], judges: list[tuple[str, str | None]], cfg: EvalConfig, save) -> None:
+    """Add each judge's verdicts to the rows lacking them; `save()` after each judge."""
+    for name, path in judges:
+        if name == "keywords":
+            for row in rows:
+                row.setdefault("verdicts", {})["keywords"] = keyword_verdict(row["generation"])
+            save()
+            continue
+        todo = [r for r in rows if judge_applies(name, r) and name not in r.get("verdicts", {})]
+        if not todo:
+            continue
+        model, tokenizer = load_classifier(path, dtype=cfg.dtype, device=cfg.device)
+        judge = ClassifierJudge(name, model, tokenizer, batch_size=cfg.judge_batch_size)
+        with tqdm(total=len(todo), desc=f"judge {name}", unit="row", dynamic_ncols=True) as bar:
+            for row, (verdicts, raw) in zip(todo, judge(todo, progress=bar.update)):
+                row.setdefault("verdicts", {}).update(verdicts)
+                row.setdefault("judge_raw", {})[name] = raw
+        del judge, model, tokenizer
+        _free_memory()
+        save()
+
+
+def run_eval(cfg: EvalConfig) -> list[dict]:
+    """Run (or resume) an evaluation; returns the summary results."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "generations.jsonl"
+    items = load_items(cfg)
+    transfer = read_transfer(cfg.transfer) if cfg.transfer else None
+    if transfer:
+        known = {i.id for i in items if i.benchmark == "harmbench"}
+        missing = [b for b in transfer if b not in known]
+        if missing:
+            log.warning("transfer file: %d behaviour id(s) match no HarmBench item (e.g. %s)", len(missing), missing[0])
+    jobs, skipped = atk.build_jobs(items, cfg.attacks, transfer)
+    for (bench, attack), n in skipped.items():
+        log.warning("%s: %d item(s) have no target string; attack %s skipped for them", bench, n, attack)
+    rows = read_rows(path)
+    if rows:  # compact: drop duplicate keys and a torn line before appending
+        write_rows(path, rows.values())
+    pending = [j for j in jobs if j.key not in rows or "generation" not in rows[j.key]]
+    log.info("%d jobs, %d already generated, %d to generate", len(jobs), len(jobs) - len(pending), len(pending))
+    if pending:
+        model, tokenizer = load_model(cfg.model_path, cfg.adapter, cfg.dtype, cfg.device)
+        with path.open("a", encoding="utf-8") as f:
+            def sink(row):
+                rows[row_key(row)] = row
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+            generate_jobs(model, tokenizer, pending, cfg, sink)
+        del model, tokenizer
+        _free_memory()
+    wanted = [rows[j.key] for j in jobs]
+    judge_rows(wanted, cfg.judges, cfg, save=lambda: write_rows(path, rows.values()))
+    results = summarize(wanted)
+    meta = {"model": cfg.model_path, "adapter": cfg.adapter, "attacks": cfg.attacks,
+            "judges": [n for n, _ in cfg.judges], "max_new_tokens": cfg.max_new_tokens,
+            "skipped_without_target": {f"{b}/{a}": n for (b, a), n in skipped.items()}}
+    table = write_summary(out, results, meta)
+    print(table)
+    return results
