@@ -127,19 +127,27 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     sampler = MicroBatchSampler(pools, t.batch_size, t.seed, request_only=cfg.loss.request_only,
                                 group_by_length=cfg.data.group_by_length)
 
+    if t.merge and dist.sharded:
+        raise TrainingError("train.merge is not supported with distributed.strategy fsdp; merge the saved adapter "
+                            "afterwards, or use ddp")
+    runner = wrap_model(model, cfg.distributed, dist)  # before the optimizer: FSDP2 swaps the parameters
+    dist.seed_per_rank(t.seed)
+    if evaluate is None and t.eval_every and t.eval_heldout:
+        from .heldout import heldout_evaluator
+        evaluate = heldout_evaluator(t.eval_heldout, tokenizer)
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.schedule, t.warmup_steps, t.max_steps))
-    runner = wrap_model(model, cfg.distributed, dist)
 
     step, bad_in_row = 0, 0
     resume_from = _resume_path(t)
     if resume_from is not None:
         state = ckpt.load_state(resume_from)
-        _load_trainable(model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_trainable(model, state["trainable"], _load_trainable)
+        dist.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"])
+        dist.restore_rng(state["rng"])
         step, bad_in_row = state["step"], state["bad_in_row"]
         if dist.is_main:
             log.info("resumed from %s at step %d", resume_from, step)
@@ -152,6 +160,7 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     history, stopped = [], None
     model.train()
     while step < t.max_steps:
+        dist.fault_point(step + 1)  # REPBEND_FAULT_AT_STEP test hook (repbend.distributed)
         t0 = time.perf_counter()
         sums = dict.fromkeys(("loss",) + TERMS)
         tokens = positions = 0
@@ -168,7 +177,8 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
                     sums[name] = (sums[name] or 0.0) + v / t.grad_accum
             tokens += batch.useful_tokens
             positions += batch.input_ids.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        sums = dist.mean_of(sums)
+        grad_norm = dist.clip_grad_norm_(params, t.max_grad_norm)
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
@@ -179,7 +189,7 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
         scheduler.step()
         step += 1
         elapsed = time.perf_counter() - t0
-        record = {"step": step, **dist.mean_of(sums), "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, **sums, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": float(grad_norm), "skipped": not finite,
                   "tokens": dist.sum_of(tokens), "padded_positions": dist.sum_of(positions),
                   "tokens_per_s": dist.sum_of(tokens) / elapsed, "step_s": elapsed,
@@ -209,11 +219,13 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
             break
     logger.close()
     adapter_dir = out / "adapter"
+    full = dist.adapter_state(model)
     if dist.is_main:
-        _save_adapter(model, adapter_dir)
+        _save_adapter(model, adapter_dir, full)
         if t.merge:
             _save_merged(model, tokenizer, out / "merged")
     dist.barrier()
+    dist.shutdown()
     return TrainResult(str(out), str(adapter_dir), step, history, stopped)
 
 
@@ -243,18 +255,21 @@ def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(v)
 
 
-def _save_adapter(model, path: Path) -> None:
+def _save_adapter(model, path: Path, state: dict | None = None) -> None:
+    """PEFT's adapter files; `state` = the full LoRA tensors when the model's are sharded (FSDP)."""
     from .distributed import unwrap_for_save
-    unwrap_for_save(model).save_pretrained(str(path))
+    unwrap_for_save(model).save_pretrained(str(path), state_dict=state)
 
 
 def _save(out, step, model, optimizer, scheduler, bad_in_row, cfg, dist: DistState) -> None:
     rng = dist.gather_objects(ckpt.rng_state())
     trainable = dist.full_trainable_state(model, _trainable_state)
+    optim_state = dist.optimizer_state(model, optimizer)
     if dist.is_main:
-        state = {"step": step, "bad_in_row": bad_in_row, "trainable": trainable, "optimizer": optimizer.state_dict(),
+        state = {"step": step, "bad_in_row": bad_in_row, "trainable": trainable, "optimizer": optim_state,
                  "scheduler": scheduler.state_dict(), "rng": rng, "config": cfg.to_dict(), "world_size": dist.world_size}
-        ckpt.save_checkpoint(out, step, save_adapter=lambda d: _save_adapter(model, d), state=state,
+        adapter = trainable if dist.sharded else None  # FSDP: PEFT cannot read sharded tensors itself
+        ckpt.save_checkpoint(out, step, save_adapter=lambda d: _save_adapter(model, d, adapter), state=state,
                              keep=cfg.train.keep_checkpoints)
     dist.barrier()
 

@@ -145,3 +145,22 @@ def test_config_overrides_and_schedules():
     assert [f(0), f(1), f(2), f(10)] == [0.0, 0.5, 1.0, 0.0]
     c = lr_factor("cosine", warmup=0, total=10)
     assert c(0) == 1.0 and c(5) == pytest.approx(0.5) and c(10) == pytest.approx(0.0)
+
+
+def test_periodic_heldout_evaluation_is_logged(assets, tmp_path):
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text('{"kind": "harmful", "prompt": "Explain forbidden task 3."}\n'
+                       '{"kind": "benign", "prompt": "Add 2 and 3.", "answer": "5"}\n')
+    cfg = _cfg(assets, tmp_path / "ev", "--train.max_steps", "2", "--train.eval_every", "1",
+               "--train.eval_heldout", str(heldout))
+    train(cfg)
+    log = _losses(tmp_path / "ev")
+    for r in log:
+        assert r["eval"]["n_harmful"] == 1 and r["eval"]["n_benign"] == 1
+        assert r["eval"]["harmful_compliance"] in (0.0, 1.0) and r["eval"]["benign_accuracy"] in (0.0, 1.0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "harmful", "prompt": "x"}\n{"kind": "maybe", "prompt": "y"}\n')
+    from repbend.data.errors import DataError
+    from repbend.heldout import load_heldout
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'kind'"):
+        load_heldout(bad)
