@@ -213,3 +213,19 @@ def test_packing_does_not_change_the_loss(mode):
             torch.testing.assert_close(b.parts[k], v, rtol=1e-4, atol=1e-6, msg=f"term {k}")
     for x, y in zip(ga, gb):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads():
+    model, tok = _model(seed=4)
+    cfg = LossConfig(target_layers="1-3", eta=0.5)
+    batch = collate(make_micro(B=2, vocab=len(tok), seed=2), cfg, tok.pad_token_id)
+    model.train()
+    a = repbend_loss(model, batch, cfg, n_layers=N_LAYERS, impl="torch")
+    ga = _grads(model, a.total)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.base_model.model.model.gradient_checkpointing
+    b = repbend_loss(model, batch, cfg, n_layers=N_LAYERS, impl="torch")
+    gb = _grads(model, b.total)
+    torch.testing.assert_close(b.total, a.total, rtol=1e-5, atol=1e-7)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)

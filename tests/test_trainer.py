@@ -123,9 +123,12 @@ def test_cli_train_and_readable_errors(assets, tmp_path):
     run = [sys.executable, "-m", "repbend", "train", "--config", str(cfg_file), "--model.path", model_dir,
            "--data.wildguardmix", paths["wildguardmix"], "--data.ultrachat", paths["ultrachat"],
            "--train.output_dir", str(tmp_path / "cli")]
-    p = subprocess.run(run, capture_output=True, text=True)
+    p = subprocess.run(run + ["--train.merge", "true"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "cli" / "adapter" / "adapter_config.json").is_file()
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "cli" / "merged")  # a plain model, LoRA folded in
+    assert not any("lora" in n for n, _ in merged.named_parameters())
     bad = subprocess.run(run + ["--loss.mode", "everything"], capture_output=True, text=True)
     assert bad.returncode == 2 and "loss.mode must be one of" in bad.stderr
     bad = subprocess.run(run + ["--train.nope", "1"], capture_output=True, text=True)

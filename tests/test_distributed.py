@@ -1,0 +1,230 @@
+"""torchrun on the CPU (gloo, 2 processes, the tiny model, 3 steps a launch):
+
+- DDP and FSDP2 with grad_accum 1 give the losses and the adapter of one process with grad_accum 2 (the same
+  micro-batches: index (step*grad_accum + k)*world + rank);
+- a rank that raises ends the whole job promptly, non-zero, with its error in the output;
+- the run it interrupted resumes from its last checkpoint to the losses and adapter of an uninterrupted run.
+
+LoRA dropout is 0 here: one process draws its dropout masks from one generator and two ranks from two, so
+dropout > 0 cannot give the same numbers (resume with dropout is covered by test_trainer.py).
+The independent launches start together: on a small CI machine they mostly wait on imports.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as tdist
+
+from repbend import RepBendConfig, train
+from repbend.checkpoint import list_checkpoints
+from repbend.demo.assets import save_tiny_model_dir
+from repbend.demo.synthetic import corpus, write_demo_data
+
+pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+LAUNCH_TIMEOUT_S = 300   # a hung job fails the test instead of the CI run
+TERMS = ("safe", "unsafe", "cos", "kl", "pair")
+# adapters past the last hidden state the loss reads get no gradient: torch's DDP wrapper fails on this
+UNUSED_ADAPTERS = ("--loss.alpha_mode", "target", "--loss.epsilon", "0", "--loss.target_layers", "1-2")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist-assets")
+    paths = write_demo_data(root / "data", seed=0, n_train=48, n_heldout=8)
+    model_dir = save_tiny_model_dir(root / "model", corpus=corpus(), layers=3, hidden=32, heads=2, kv_heads=1)
+    return model_dir, paths
+
+
+def _args(assets, out, *extra) -> list[str]:
+    model_dir, paths = assets
+    return ["--model.path", model_dir, "--data.wildguardmix", paths["wildguardmix"],
+            "--data.wildjailbreak", paths["wildjailbreak"], "--data.ultrachat", paths["ultrachat"],
+            "--train.output_dir", str(out), "--train.max_steps", "3", "--train.batch_size", "1",
+            "--train.lr", "1e-3", "--lora.r", "4", "--lora.dropout", "0", "--loss.target_layers", "1-3",
+            "--loss.eta", "0.3", "--train.progress", "false", "--train.tensorboard", "false",
+            "--train.save_every", "1", "--data.max_response_tokens", "48", "--data.max_retain_tokens", "96", *extra]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Launch:
+    """`torchrun --nproc_per_node 2 -m repbend train ...` in the background, its output in a file."""
+
+    def __init__(self, args, port: int, log: Path, env: dict | None = None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "repbend", "train", *args]
+        self.log = log
+        self._fh = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        self.ended_at = None
+
+    def wait(self) -> int:
+        try:
+            rc = self.proc.wait(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"torchrun did not end within {LAUNCH_TIMEOUT_S} s (a hang?):\n{self.output[-4000:]}")
+        finally:
+            self._fh.close()
+        self.ended_at = self.ended_at or time.monotonic()
+        return rc
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _watch(launch: Launch, path: Path, seen: dict) -> threading.Thread:
+    """Record when `path` appears and when the launch ends (polled every 50 ms)."""
+    def run():
+        while launch.proc.poll() is None:
+            if "at" not in seen and path.exists():
+                seen["at"] = time.monotonic()
+            time.sleep(0.05)
+        launch.ended_at = time.monotonic()
+        seen.setdefault("at", time.monotonic() if path.exists() else None)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def _adapter(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_same_run(got, want, rtol, atol=1e-7):
+    """The losses, gradient norms and adapters of two runs agree. FSDP2 sums the gradient norm over shards, one
+    ulp off the one-process norm; clipping and Adam carry that to ~1e-6 on weights whose gradient is tiny."""
+    a, b = _log(got), _log(want)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "grad_norm"):
+            assert ra[k] == pytest.approx(rb[k], rel=rtol, abs=1e-9), (k, ra["step"], ra[k], rb[k])
+        for k in TERMS:
+            if rb[k] is None:
+                assert ra[k] is None, (k, ra["step"])
+            else:  # abs: the KL of two nearly equal distributions, in fp32, carries ~1e-4 relative rounding noise
+                assert ra[k] == pytest.approx(rb[k], rel=rtol, abs=5e-6), (k, ra["step"], ra[k], rb[k])
+    wa, wb = _adapter(got), _adapter(want)
+    assert wa.keys() == wb.keys() and wa
+    for n in wb:
+        torch.testing.assert_close(wa[n], wb[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """Three launches at once (ddp, fsdp, fsdp with rank 1 failing at step 3), and meanwhile, in this process,
+    the one-process references with grad_accum 2."""
+    root = tmp_path_factory.mktemp("dist-runs")
+    ports = _free_ports(3)
+    out = {name: root / name for name in ("ddp", "fsdp", "crash", "one_ddp", "one_fsdp")}
+    launches = {
+        "ddp": Launch(_args(assets, out["ddp"], "--distributed.strategy", "ddp", "--train.grad_accum", "1",
+                            *UNUSED_ADAPTERS), ports[0], root / "ddp.txt"),
+        "fsdp": Launch(_args(assets, out["fsdp"], "--distributed.strategy", "fsdp", "--train.grad_accum", "1"),
+                       ports[1], root / "fsdp.txt"),
+        "crash": Launch(_args(assets, out["crash"], "--distributed.strategy", "fsdp", "--train.grad_accum", "1"),
+                        ports[2], root / "crash.txt",
+                        env={"REPBEND_FAULT_AT_STEP": "3", "REPBEND_FAULT_RANK": "1", "REPBEND_DIST_TIMEOUT": "900"}),
+    }
+    checkpoint_2 = {}
+    watcher = _watch(launches["crash"], out["crash"] / "checkpoints" / "step-000002" / "state.pt", checkpoint_2)
+    try:
+        train(RepBendConfig.load(None, _args(assets, out["one_ddp"], "--train.grad_accum", "2", *UNUSED_ADAPTERS)))
+        train(RepBendConfig.load(None, _args(assets, out["one_fsdp"], "--train.grad_accum", "2")))
+    except BaseException:
+        for launch in launches.values():
+            launch.proc.kill()
+        raise
+    rcs = {name: launch.wait() for name, launch in launches.items()}
+    watcher.join(timeout=5)
+    return {"out": out, "launches": launches, "rc": rcs, "checkpoint_2_at": checkpoint_2.get("at")}
+
+
+def test_ddp_equals_one_process_with_accumulation(runs):
+    assert runs["rc"]["ddp"] == 0, runs["launches"]["ddp"].output[-4000:]
+    # the replicated LoRA gradients are averaged exactly as one process accumulates: bit for bit here
+    _assert_same_run(runs["out"]["ddp"], runs["out"]["one_ddp"], rtol=1e-6)
+    # the adapters of the last layer read no gradient anywhere and stayed at their start (B = 0)
+    last = {n: v for n, v in _adapter(runs["out"]["ddp"]).items() if ".layers.2." in n and "lora_B" in n}
+    assert last and all(v.abs().max() == 0 for v in last.values())
+
+
+def test_fsdp_equals_one_process_and_saves_a_peft_adapter(runs, assets):
+    assert runs["rc"]["fsdp"] == 0, runs["launches"]["fsdp"].output[-4000:]
+    out = runs["out"]["fsdp"]
+    _assert_same_run(out, runs["out"]["one_fsdp"], rtol=1e-5, atol=2e-6)
+    # rank 0 alone wrote the log, the checkpoints (full tensors, both ranks' RNG) and the adapter
+    assert [s for s, _ in list_checkpoints(out)] == [2, 3]
+    state = torch.load(out / "checkpoints" / "step-000003" / "state.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert all(not hasattr(v, "device_mesh") for v in state["trainable"].values())
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    ids = torch.randint(5, 300, (1, 12))
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets[0]), str(out / "adapter"))(ids)
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets[0]),
+                                         str(runs["out"]["one_fsdp"] / "adapter"))(ids)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_rank_ends_the_job_promptly_with_its_error(runs):
+    launch = runs["launches"]["crash"]
+    text = launch.output
+    assert runs["rc"]["crash"] != 0
+    assert "InjectedFault" in text and "injected failure on rank 1" in text, text[-4000:]
+    # the survivor did not sit in a collective until the 900 s process-group timeout: torchrun ended it
+    assert runs["checkpoint_2_at"] is not None, text[-4000:]
+    assert launch.ended_at - runs["checkpoint_2_at"] < 60
+    assert [s for s, _ in list_checkpoints(runs["out"]["crash"])] == [1, 2]
+    assert [r["step"] for r in _log(runs["out"]["crash"])] == [1, 2]
+
+
+def test_fsdp_resume_after_the_crash_gives_the_uninterrupted_run(runs, assets):
+    assert runs["rc"]["fsdp"] == 0 and runs["rc"]["crash"] != 0
+    out = runs["out"]["crash"]
+    launch = Launch(_args(assets, out, "--distributed.strategy", "fsdp", "--train.grad_accum", "1",
+                          "--train.resume", "true"), _free_ports(1)[0], out.parent / "resume.txt")
+    assert launch.wait() == 0, launch.output[-4000:]
+    assert "resumed from" in launch.output
+    _assert_same_run(out, runs["out"]["fsdp"], rtol=1e-6)
+
+
+def test_fault_hook_reads_its_environment(monkeypatch):
+    from repbend.config import DistributedConfig
+    from repbend.distributed import InjectedFault, init_distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("REPBEND_FAULT_AT_STEP", "2")
+    monkeypatch.setenv("REPBEND_FAULT_RANK", "1")
+    assert init_distributed(DistributedConfig(), "cpu").fault_at_step is None  # rank 0 is not named
+    monkeypatch.setenv("REPBEND_FAULT_RANK", "0,1")
+    dist = init_distributed(DistributedConfig(), "cpu")
+    dist.fault_point(1)
+    with pytest.raises(InjectedFault, match="REPBEND_FAULT_AT_STEP=2"):
+        dist.fault_point(2)
