@@ -1,0 +1,491 @@
+"""Speed and memory of the three RepBend kernels: fused Triton vs eager PyTorch vs torch.compile (vs Liger).
+
+    python benchmarks/bench_kernels.py [--device cpu|cuda] [--output DIR] [--quick] [--interpret] [--compile]
+
+For each op (`rep_distance`, `pairwise_cosine_loss`, `linear_kl` from repbend.kernels) and shape, every provider is
+timed in three modes: forward (inputs require grad, so a fused op's forward includes the gradient it precomputes),
+backward (of one retained forward) and full (forward + backward). Time: median over --repeats after a warm-up, CUDA
+events on GPU, perf_counter on CPU. Memory: peak bytes allocated above what was allocated before the call
+(torch.cuda.max_memory_allocated) on GPU; on CPU the peak growth of the process's resident set (VmHWM after a reset
+through /proc/self/clear_refs), which is approximate (the C allocator may reuse memory it kept).
+
+Providers
+  triton        impl="triton" (GPU; on CPU only with --interpret, at tiny shapes: the interpreter is slow)
+  torch         impl="torch": the library's eager path (for linear_kl the chunked eager one, no [N, V] tensor)
+  compile       torch.compile of the eager reference (on CPU only with --compile: slow to build)
+  eager_full    linear_kl only: the published recipe, full [N, V] logits, log_softmax + softmax + F.kl_div
+  compile_full  linear_kl only: torch.compile of eager_full
+  liger         linear_kl only, GPU only: Liger's LigerFusedLinearJSD with jsd_beta=0. In Liger's JSD kernel
+                beta = 0 computes sum P_teacher (log P_teacher - log P_student) = KL(teacher || student), the
+                direction of L_KL (teacher = reference pass, student = LoRA pass). Liger averages over rows and has
+                no T^2 factor: a timing comparison, not the same number.
+rep_distance also reports the achieved bandwidth of its forward (bytes of the hidden and ref rows read / time) and,
+on GPU, that as a fraction of a device-to-device copy's bandwidth (2 x bytes / time of dst.copy_(src), 2 GiB)
+measured in the same run.
+
+Writes DIR/bench_kernels.csv (one row per op, shape, provider, mode) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--output", default="bench_out", help="folder for bench_kernels.csv")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    p.add_argument("--interpret", action="store_true",
+                   help="CPU: also run the Triton kernels in Triton's interpreter (tiny shapes)")
+    p.add_argument("--compile", action="store_true", help="CPU: also run torch.compile (always on for cuda)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (default 10 cuda, 3 cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default 1 on cpu: stable timings on a shared machine)")
+    p.add_argument("--ops", default="rep_distance,pairwise_cosine,linear_kl", help="comma-separated subset")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------------------------------
+def sweeps(device: str, quick: bool, interpret: bool) -> dict[str, list[dict]]:
+    """Shapes per op. GPU: the production sizes (D = 4096, L = 11 target / 33 all layers, V = 128256)."""
+    if device == "cuda":
+        n_tok = [4096, 65536] if quick else [1024, 4096, 16384, 65536]
+        layers = [11] if quick else [11, 33]
+        return {
+            "rep_distance": [dict(L=L, N=n, D=4096, dtype="bfloat16") for L in layers for n in n_tok],
+            # the method's N is 2B = 8 vectors per layer; 1024 is the Triton kernel's limit
+            "pairwise_cosine": [dict(L=L, N=n, D=4096, dtype="bfloat16") for L in layers
+                                for n in ([8, 1024] if quick else [8, 64, 256, 1024])],
+            "linear_kl": [dict(N=n, D=4096, V=128256, dtype="bfloat16") for n in n_tok],
+        }
+    if interpret:  # the Triton interpreter runs one program at a time: tiny shapes only
+        return {
+            "rep_distance": [dict(L=2, N=64, D=64, dtype="float32")],
+            "pairwise_cosine": [dict(L=2, N=8, D=64, dtype="float32")],
+            "linear_kl": [dict(N=32, D=64, V=1024, dtype="float32")],
+        }
+    return {
+        "rep_distance": [dict(L=11, N=n, D=256, dtype="float32") for n in ([1024] if quick else [1024, 4096])],
+        "pairwise_cosine": [dict(L=11, N=n, D=256, dtype="float32") for n in ([8, 256] if quick else [8, 64, 256])],
+        "linear_kl": [dict(N=n, D=128, V=32000, dtype="float32") for n in ([256] if quick else [256, 1024])],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cases: (op, shape, provider) -> a forward closure over fresh inputs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    op: str
+    provider: str
+    shape: dict
+    forward: Callable  # () -> 0-dim loss
+    params: list  # tensors that receive gradients (reset between repeats)
+    note: str = ""
+    read_bytes: int = 0  # bytes of input rows the forward must read (bandwidth column), 0 = not reported
+
+
+def _compiled(fn, cache: dict):
+    import torch
+
+    if fn not in cache:
+        cache[fn] = torch.compile(fn)  # dynamic=None: after a first recompile, shapes become symbolic
+    return cache[fn]
+
+
+def make_cases(op: str, shape: dict, providers: list[str], device, compile_cache: dict) -> list[Case]:
+    import torch
+
+    dtype = getattr(torch, shape["dtype"])
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size, scale=1.0):  # made on the device: the GPU sweep's inputs are tens of GB
+        x = torch.randn(*size, generator=g, device=device, dtype=dtype)
+        return x.mul_(scale) if scale != 1.0 else x
+
+    cases = []
+    if op == "rep_distance":
+        from repbend.kernels.reference import rep_distance_torch
+        from repbend.kernels.rep_distance import rep_distance
+
+        L, N, D = shape["L"], shape["N"], shape["D"]
+        ref = randn(L, 1, N, D)
+        hidden = randn(L, 1, N, D, scale=0.1).add_(ref).requires_grad_(True)
+        mask = torch.ones(1, N, dtype=torch.bool, device=device)  # every token counts: N rows per layer
+        read = 2 * L * N * D * hidden.element_size()
+
+        def loss_of(out):
+            return out.l2.sum() + out.cos.sum()
+
+        for prov in providers:
+            if prov in ("triton", "torch"):
+                fwd = (lambda impl: lambda: loss_of(rep_distance(hidden, ref, mask, impl=impl)))(prov)
+            elif prov == "compile":
+                comp = _compiled(rep_distance_torch, compile_cache)
+                fwd = lambda: loss_of(comp(hidden, ref, mask))  # noqa: E731
+            else:
+                continue
+            cases.append(Case(op, prov, shape, fwd, [hidden], read_bytes=read))
+
+    elif op == "pairwise_cosine":
+        from repbend.kernels.pairwise_cosine import BLOCK_N_MAX, pairwise_cosine_loss
+        from repbend.kernels.reference import pairwise_cosine_loss_torch
+
+        L, N, D = shape["L"], shape["N"], shape["D"]
+        x = randn(L, N, D).requires_grad_(True)
+        for prov in providers:
+            note = "falls back to eager (N > BLOCK_N_MAX)" if prov == "triton" and N > BLOCK_N_MAX else ""
+            if prov in ("triton", "torch"):
+                fwd = (lambda impl: lambda: pairwise_cosine_loss(x, impl=impl))(prov)
+            elif prov == "compile":
+                comp = _compiled(pairwise_cosine_loss_torch, compile_cache)
+                fwd = lambda: comp(x)  # noqa: E731
+            else:
+                continue
+            cases.append(Case(op, prov, shape, fwd, [x], note=note))
+
+    elif op == "linear_kl":
+        from repbend.kernels.linear_kl import linear_kl
+
+        N, D, V, T = shape["N"], shape["D"], shape["V"], 2.0
+        ref = randn(N, D)
+        hidden = randn(N, D, scale=0.05).add_(ref).requires_grad_(True)
+        weight = randn(V, D, scale=D**-0.5)  # frozen LM head, as in RepBend (LoRA does not touch it)
+        for prov in providers:
+            note = "weight frozen"
+            if prov in ("triton", "torch"):
+                fwd = (lambda impl: lambda: linear_kl(hidden, ref, weight, T, impl=impl))(prov)
+            elif prov == "eager_full":
+                fwd = lambda: _kl_full_logits(hidden, ref, weight, T)  # noqa: E731
+            elif prov == "compile_full":
+                comp = _compiled(_kl_full_logits, compile_cache)
+                fwd = lambda: comp(hidden, ref, weight, T)  # noqa: E731
+            elif prov == "liger":
+                mod = _liger_jsd(T)
+                if mod is None:
+                    continue
+                fwd = lambda: mod(hidden, weight, ref, weight, None)  # noqa: E731
+                note = "jsd_beta=0: KL(ref||lora), mean over rows, no T^2"
+            else:
+                continue
+            cases.append(Case(op, prov, shape, fwd, [hidden], note=note))
+    return cases
+
+
+def _kl_full_logits(hidden, ref_hidden, weight, temperature: float):
+    """The published recipe: full [N, V] logits in the input dtype, upcast, F.kl_div(..., "sum") * T^2."""
+    import torch
+    import torch.nn.functional as F
+
+    log_q = torch.log_softmax((hidden @ weight.t()).float() / temperature, dim=-1)
+    with torch.no_grad():
+        p = torch.softmax((ref_hidden @ weight.t()).float() / temperature, dim=-1)
+    return F.kl_div(log_q, p, reduction="sum") * temperature**2
+
+
+def _liger_jsd(temperature: float):
+    try:
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+    except Exception:  # not installed, or its import needs a GPU stack
+        return None
+    return LigerFusedLinearJSD(jsd_beta=0.0, temperature=temperature)
+
+
+def liger_available() -> tuple[bool, str]:
+    try:
+        import liger_kernel.transformers.fused_linear_jsd  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return False, f"liger-kernel not importable ({type(e).__name__})"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing and memory
+# ----------------------------------------------------------------------------------------------------------------
+class Device:
+    def __init__(self, kind: str):
+        import torch
+
+        self.torch = torch
+        self.kind = kind
+        self.device = torch.device(kind)
+
+    def sync(self):
+        if self.kind == "cuda":
+            self.torch.cuda.synchronize()
+
+    def time_ms(self, fn, setup=None) -> float:
+        """Milliseconds of one fn() (setup() runs first, untimed)."""
+        if setup is not None:
+            setup()
+        if self.kind == "cuda":
+            start = self.torch.cuda.Event(enable_timing=True)
+            end = self.torch.cuda.Event(enable_timing=True)
+            self.sync()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def clean(self):
+        gc.collect()
+        if self.kind == "cuda":
+            self.torch.cuda.empty_cache()
+        elif _LIBC is not None:
+            _LIBC.malloc_trim(0)  # hand freed heap back to the OS, so that RSS growth sees the next peak
+
+    def peak_mib(self, fn, setup=None) -> float:
+        """Peak memory above the starting point while fn() runs (MiB); NaN where it cannot be measured."""
+        if setup is not None:
+            setup()
+        self.sync()
+        if self.kind == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+            base = self.torch.cuda.memory_allocated()
+            fn()
+            self.sync()
+            return (self.torch.cuda.max_memory_allocated() - base) / 2**20
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        except OSError:
+            return float("nan")
+        base = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - base) / 1024
+
+
+def _load_libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except Exception:  # noqa: BLE001 - not glibc: RSS numbers are rougher
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _is_oom(e: BaseException) -> bool:
+    return "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+
+
+def run_case(case: Case, dev: Device, repeats: int) -> list[dict]:
+    """Rows (one per mode) with ms, peak MiB and status for one case."""
+    state: dict = {}
+
+    def reset_grads():
+        for p in case.params:
+            p.grad = None
+
+    def prepare_backward():  # one forward, retained; each timed backward reuses it
+        reset_grads()
+        if "loss" not in state:
+            state["loss"] = case.forward()
+        dev.sync()
+
+    modes = {
+        "forward": (lambda: case.forward(), reset_grads),
+        "backward": (lambda: state["loss"].backward(retain_graph=True), prepare_backward),
+        "full": (lambda: case.forward().backward(), reset_grads),
+    }
+    rows = []
+    for mode, (fn, setup) in modes.items():
+        row = {"mode": mode, "ms": float("nan"), "peak_mib": float("nan"), "status": "ok"}
+        try:
+            dev.time_ms(fn, setup)  # warm-up (and compilation)
+            dev.clean()
+            times = []
+            row["peak_mib"] = dev.peak_mib(lambda: times.append(dev.time_ms(fn)), setup)
+            times += [dev.time_ms(fn, setup) for _ in range(repeats - 1)]
+            row["ms"] = statistics.median(times)
+        except Exception as e:  # noqa: BLE001 - an OOM or a failing provider is a result, not a crash
+            first_line = (str(e).splitlines() or [""])[0][:120]
+            row["status"] = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {first_line}"
+        state.clear()
+        reset_grads()
+        dev.clean()
+        rows.append(row)
+    return rows
+
+
+def copy_bandwidth_gbps(dev: Device, nbytes: int = 2 * 2**30, repeats: int = 10) -> float:
+    """Device copy bandwidth, counting the bytes read and written: 2 * nbytes / time."""
+    torch = dev.torch
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev.device).normal_()
+    dst = torch.empty_like(src)
+    dev.time_ms(lambda: dst.copy_(src))
+    ms = statistics.median(dev.time_ms(lambda: dst.copy_(src)) for _ in range(repeats))
+    del src, dst
+    dev.clean()
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+CSV_FIELDS = ["op", "provider", "mode", "device", "dtype", "L", "N", "D", "V", "ms", "peak_mib", "read_gbps",
+              "frac_copy_bw", "status", "note"]
+
+
+def providers_for(op: str, device: str, interpret: bool, use_compile: bool) -> tuple[list[str], list[str]]:
+    """(providers to run, notes about the ones skipped)."""
+    provs, skipped = [], []
+    if device == "cuda" or interpret:
+        provs.append("triton")
+    else:
+        skipped.append("triton: needs CUDA (or --interpret)")
+    provs.append("torch")
+    if op == "linear_kl":
+        provs.append("eager_full")
+    if device == "cuda" or use_compile:
+        provs.append("compile_full" if op == "linear_kl" else "compile")
+    else:
+        skipped.append("torch.compile: off on CPU (--compile)")
+    if op == "linear_kl":
+        ok, why = liger_available()
+        if device == "cuda" and ok:
+            provs.append("liger")
+        else:
+            skipped.append("liger: " + (why if not ok else "its kernels need a GPU"))
+    return provs, skipped
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return "-" if x != x else f"{x:.{digits}f}"  # NaN -> "-"
+
+
+def print_table(rows: list[dict]) -> None:
+    """One line per (op, shape, provider): fwd / bwd / full ms, peak MiB of full, bandwidth."""
+    keyed: dict[tuple, dict] = {}
+    for r in rows:
+        shape = " ".join(f"{k}={r[k]}" for k in ("L", "N", "D", "V") if r[k] != "")
+        key = (r["op"], shape, r["provider"])
+        keyed.setdefault(key, {"note": r["note"]})[r["mode"]] = r
+    header = ["op", "shape", "provider", "fwd ms", "bwd ms", "full ms", "full MiB", "fwd GB/s", "of copy", "note"]
+    lines = [header]
+    for (op, shape, prov), modes in keyed.items():
+        cells = [op, shape, prov]
+        for m in ("forward", "backward", "full"):
+            r = modes.get(m)
+            cells.append("-" if r is None else (fmt(r["ms"]) if r["status"] == "ok" else r["status"][:12]))
+        full = modes.get("full")
+        cells.append(fmt(full["peak_mib"], 1) if full and full["status"] == "ok" else "-")
+        fwd = modes.get("forward") or {}
+        cells.append(fmt(fwd.get("read_gbps", float("nan")), 1) if fwd.get("status") == "ok" else "-")
+        frac = fwd.get("frac_copy_bw", float("nan")) if fwd.get("status") == "ok" else float("nan")
+        cells.append("-" if frac != frac else f"{100 * frac:.0f}%")
+        cells.append(modes["note"])
+        lines.append([str(c) for c in cells])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for i, line in enumerate(lines):
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a module with @triton.jit kernels
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench_kernels: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if device == "cuda" and args.interpret:
+        print("bench_kernels: --interpret is for --device cpu", file=sys.stderr)
+        return 2
+    repeats = args.repeats or max(1, (10 if device == "cuda" else 3) // (2 if args.quick else 1))
+    if device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    dev = Device(device)
+    use_compile = device == "cuda" or args.compile
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    t_start = time.perf_counter()
+    copy_bw = copy_bandwidth_gbps(dev) if device == "cuda" else float("nan")
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"bench_kernels: {name}, torch {torch.__version__}, repeats {repeats}"
+          + (f", copy bandwidth {copy_bw:.0f} GB/s" if device == "cuda" else ""))
+
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    rows, skipped_notes = [], []
+    compile_cache: dict = {}
+    for op, shapes in sweeps(device, args.quick, args.interpret).items():
+        if op not in ops:
+            continue
+        provs, skipped = providers_for(op, device, args.interpret, use_compile)
+        skipped_notes += [f"{op}: {s}" for s in skipped]
+        for shape in shapes:
+            try:
+                cases = make_cases(op, shape, provs, dev.device, compile_cache)
+            except Exception as e:  # noqa: BLE001
+                status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}"
+                print(f"  {op} {shape}: inputs not built ({status})")
+                dev.clean()
+                continue
+            for case in cases:
+                for r in run_case(case, dev, repeats):
+                    gbps = (case.read_bytes / (r["ms"] * 1e-3) / 1e9
+                            if case.read_bytes and r["mode"] == "forward" and r["status"] == "ok" else float("nan"))
+                    rows.append({
+                        "op": op, "provider": case.provider, "mode": r["mode"], "device": device,
+                        "dtype": shape["dtype"], "L": shape.get("L", ""), "N": shape["N"], "D": shape["D"],
+                        "V": shape.get("V", ""), "ms": r["ms"], "peak_mib": r["peak_mib"], "read_gbps": gbps,
+                        "frac_copy_bw": gbps / copy_bw if copy_bw == copy_bw else float("nan"),
+                        "status": r["status"], "note": case.note,
+                    })
+                print(f"  {op:16s} {case.provider:12s} {shape}  full "
+                      f"{fmt(rows[-1]['ms'])} ms ({rows[-1]['status']})", flush=True)
+            del cases
+            dev.clean()
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_csv = out_dir / "bench_kernels.csv"
+    with open(out_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    print()
+    print_table(rows)
+    for s in dict.fromkeys(skipped_notes):
+        print(f"skipped {s}")
+    if device == "cpu":
+        print("CPU memory = peak RSS growth (approximate); GPU numbers need --device cuda")
+    print(f"wrote {out_csv} ({len(rows)} rows) in {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
