@@ -8,7 +8,6 @@ when its `answer` appears in the generation (case-insensitive) or, without an an
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -16,21 +15,15 @@ from .data.errors import DataError
 
 
 def load_heldout(path: str | Path) -> list[dict]:
+    from .data.sources import read_records
+
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            origin = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(origin, f"not valid JSON ({e.msg})") from None
-            if row.get("kind") not in ("harmful", "benign"):
-                raise DataError(origin, f"must be 'harmful' or 'benign', got {row.get('kind')!r}", field="kind")
-            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise DataError(origin, "missing or empty", field="prompt")
-            rows.append(row)
+    for origin, row in read_records(str(path)):
+        if row.get("kind") not in ("harmful", "benign"):
+            raise DataError(origin, f"must be 'harmful' or 'benign', got {row.get('kind')!r}", field="kind")
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise DataError(origin, "missing or empty", field="prompt")
+        rows.append(row)
     if not rows:
         raise DataError(str(path), "no held-out prompts in the file")
     return rows
