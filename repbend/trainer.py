@@ -142,6 +142,8 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
 
     step, bad_in_row = 0, 0
     resume_from = _resume_path(t)
+    dist.check_same(resume_from and resume_from.name, "the checkpoint to resume from (train.output_dir must be on "
+                    "a filesystem that every node shares)")
     if resume_from is not None:
         state = ckpt.load_state(resume_from)
         dist.load_trainable(model, state["trainable"], _load_trainable)
@@ -194,7 +196,7 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
                   "tokens": dist.sum_of(tokens), "padded_positions": dist.sum_of(positions),
                   "tokens_per_s": dist.sum_of(tokens) / elapsed, "step_s": elapsed,
                   "peak_mem_bytes": peak_memory_bytes(device)}
-        if not finite:
+        if not finite and dist.is_main:
             log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped (%d in a row)",
                         step, sums["loss"], float(grad_norm), bad_in_row)
         if bad_in_row >= t.max_bad_steps:
@@ -209,7 +211,7 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
             metrics = evaluate(model, step)
             model.train()
             record["eval"] = {k: v for k, v in metrics.items() if k != "stop"}
-            if metrics.get("stop"):
+            if dist.any_of(metrics.get("stop")):  # every rank must leave the loop at the same step
                 stopped = f"the periodic evaluation asked to stop at step {step}"
         logger.write(record)
         history.append(record)

@@ -138,7 +138,7 @@ def _assert_same_run(got, want, rtol, atol=1e-7):
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
     """Three launches at once (ddp, fsdp, fsdp with rank 1 failing at step 3), and meanwhile, in this process,
-    the one-process references with grad_accum 2."""
+    the one-process references with grad_accum 2; the resume of the crashed run starts as soon as it ended."""
     root = tmp_path_factory.mktemp("dist-runs")
     ports = _free_ports(3)
     out = {name: root / name for name in ("ddp", "fsdp", "crash", "one_ddp", "one_fsdp")}
@@ -156,20 +156,27 @@ def runs(assets, tmp_path_factory):
     try:
         train(RepBendConfig.load(None, _args(assets, out["one_ddp"], "--train.grad_accum", "2", *UNUSED_ADAPTERS)))
         train(RepBendConfig.load(None, _args(assets, out["one_fsdp"], "--train.grad_accum", "2")))
+        rcs = {"crash": launches["crash"].wait()}
+        watcher.join(timeout=5)
+        left = {"checkpoints": [s for s, _ in list_checkpoints(out["crash"])],
+                "logged": [r["step"] for r in _log(out["crash"])] if (out["crash"] / "log.jsonl").exists() else None}
+        launches["resume"] = Launch(_args(assets, out["crash"], "--distributed.strategy", "fsdp",
+                                          "--train.grad_accum", "1", "--train.resume", "true"),
+                                    _free_ports(1)[0], root / "resume.txt")
+        rcs.update({name: launch.wait() for name, launch in launches.items() if name != "crash"})
     except BaseException:
         for launch in launches.values():
-            launch.proc.kill()
+            if launch.proc.poll() is None:
+                launch.proc.kill()
         raise
-    rcs = {name: launch.wait() for name, launch in launches.items()}
-    watcher.join(timeout=5)
-    return {"out": out, "launches": launches, "rc": rcs, "checkpoint_2_at": checkpoint_2.get("at")}
+    return {"out": out, "launches": launches, "rc": rcs, "checkpoint_2_at": checkpoint_2.get("at"), "crash_left": left}
 
 
 def test_ddp_equals_one_process_with_accumulation(runs):
     assert runs["rc"]["ddp"] == 0, runs["launches"]["ddp"].output[-4000:]
     # the replicated LoRA gradients are averaged exactly as one process accumulates: bit for bit here
     _assert_same_run(runs["out"]["ddp"], runs["out"]["one_ddp"], rtol=1e-6)
-    # the adapters of the last layer read no gradient anywhere and stayed at their start (B = 0)
+    # no term reads past hidden state 2: layer 2's adapters got no gradient and kept their start (B = 0)
     last = {n: v for n, v in _adapter(runs["out"]["ddp"]).items() if ".layers.2." in n and "lora_B" in n}
     assert last and all(v.abs().max() == 0 for v in last.values())
 
@@ -183,6 +190,8 @@ def test_fsdp_equals_one_process_and_saves_a_peft_adapter(runs, assets):
     state = torch.load(out / "checkpoints" / "step-000003" / "state.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert all(not hasattr(v, "device_mesh") for v in state["trainable"].values())
+    moments = [v for per_param in state["optimizer"]["state"].values() for v in per_param.values()]
+    assert moments and all(not hasattr(v, "device_mesh") for v in moments)  # the optimizer state is whole too
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     ids = torch.randint(5, 300, (1, 12))
@@ -201,18 +210,15 @@ def test_a_failing_rank_ends_the_job_promptly_with_its_error(runs):
     # the survivor did not sit in a collective until the 900 s process-group timeout: torchrun ended it
     assert runs["checkpoint_2_at"] is not None, text[-4000:]
     assert launch.ended_at - runs["checkpoint_2_at"] < 60
-    assert [s for s, _ in list_checkpoints(runs["out"]["crash"])] == [1, 2]
-    assert [r["step"] for r in _log(runs["out"]["crash"])] == [1, 2]
+    assert runs["crash_left"] == {"checkpoints": [1, 2], "logged": [1, 2]}
 
 
-def test_fsdp_resume_after_the_crash_gives_the_uninterrupted_run(runs, assets):
+def test_fsdp_resume_after_the_crash_gives_the_uninterrupted_run(runs):
     assert runs["rc"]["fsdp"] == 0 and runs["rc"]["crash"] != 0
-    out = runs["out"]["crash"]
-    launch = Launch(_args(assets, out, "--distributed.strategy", "fsdp", "--train.grad_accum", "1",
-                          "--train.resume", "true"), _free_ports(1)[0], out.parent / "resume.txt")
-    assert launch.wait() == 0, launch.output[-4000:]
-    assert "resumed from" in launch.output
-    _assert_same_run(out, runs["out"]["fsdp"], rtol=1e-6)
+    launch = runs["launches"]["resume"]
+    assert runs["rc"]["resume"] == 0, launch.output[-4000:]
+    assert "resumed from" in launch.output and "at step 2" in launch.output
+    _assert_same_run(runs["out"]["crash"], runs["out"]["fsdp"], rtol=1e-6)
 
 
 def test_fault_hook_reads_its_environment(monkeypatch):
