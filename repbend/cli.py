@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import inspect
 import logging
+import os
 import sys
 
 USAGE = """usage: repbend COMMAND [options]
@@ -21,6 +22,16 @@ commands:
 """
 
 
+def _record(fn):
+    """Under torchrun, write a failing rank's traceback into the launcher's error summary."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+    except ImportError:  # pragma: no cover
+        return fn
+    return record(fn)
+
+
+@_record
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -75,6 +86,8 @@ def _train(argv: list[str]) -> int:
     cfg = RepBendConfig.load(config, argv)
     from .trainer import train
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"adapter: {result.adapter_dir}\nlog: {result.output_dir}/log.jsonl"
           + (f"\nstopped: {result.stopped}" if result.stopped else ""))
     return 0
