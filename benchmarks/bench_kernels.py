@@ -342,7 +342,7 @@ def copy_bandwidth_gbps(dev: Device, nbytes: int = 2 * 2**30, repeats: int = 10)
     dst = torch.empty_like(src)
     dev.time_ms(lambda: dst.copy_(src))
     ms = statistics.median(dev.time_ms(lambda: dst.copy_(src)) for _ in range(repeats))
-    del src, dst
+    src = dst = None  # free before the next measurement
     dev.clean()
     return 2 * nbytes / (ms * 1e-3) / 1e9
 

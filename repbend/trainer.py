@@ -20,7 +20,7 @@ from .batching import collate
 from .config import RepBendConfig
 from .distributed import DistState, init_distributed, wrap_model
 from .metrics import StepLogger, peak_memory_bytes
-from .model import LoraSettings, attach_lora, decoder_layers, load_model_and_tokenizer, resolve_device
+from .model import LoraSettings, attach_lora, decoder_layers, load_model_and_tokenizer
 from .objective import TERMS, repbend_loss
 
 log = logging.getLogger("repbend")
@@ -91,7 +91,6 @@ def prepare_model(cfg: RepBendConfig, model=None, tokenizer=None, dist: DistStat
 def build_data(cfg: RepBendConfig, tokenizer):
     from .data.chat import Limits
     from .data.pools import build_pools
-    from .data.sampler import MicroBatchSampler
 
     d = cfg.data
     if not (d.wildguardmix or d.wildjailbreak):

@@ -11,15 +11,6 @@ from repbend.eval.generation import (GenRequest, encode, generate, greedy_genera
 PROMPTS = ["Hello!", "How do I bake bread? Tell me everything, step by step.", "What is the capital of France?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     tok = build_tokenizer()
