@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=300, help="upper bound on RepBend steps")
     p.add_argument("--eval-every", type=int, default=10, help="validation check every N steps")
-    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=400)
     args = p.parse_args(argv)
 
     import torch
