@@ -6,7 +6,8 @@ import re
 import pytest
 
 from repbend.demo.assets import build_tiny_model, build_tokenizer
-from repbend.demo.generate import evaluate_heldout, generate_batch, render_prompts
+from repbend.demo.generate import evaluate_heldout, generate_batch
+from repbend.eval.generation import render_chat
 from repbend.demo.judge import is_compliant, is_correct, rates
 from repbend.demo.sft import IGNORE, encode_chat, supervised_pass
 from repbend.demo.synthetic import (COMPLIANT_TEMPLATE, DEMO_FILES, REFUSALS, DemoData, corpus, read_jsonl,
@@ -198,7 +199,7 @@ def test_encode_chat_labels_assistant_tokens_like_generation(tok):
     trained = tok.decode([i for i, l in zip(ids, labels) if l != IGNORE])
     assert trained == "2 plus 3 is 5.<|eot_id|>You are welcome.<|eot_id|>"
     # the request tokens are exactly the ones generation feeds the model
-    prompt_ids = tok(render_prompts(tok, ["Add 2 and 3."])[0], add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(render_chat(tok, [{"role": "user", "content": "Add 2 and 3."}]), add_special_tokens=False)["input_ids"]
     assert ids[:len(prompt_ids)] == prompt_ids and labels[len(prompt_ids)] != IGNORE
     assert all(l == IGNORE for l in labels[:len(prompt_ids)])
 
