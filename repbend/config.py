@@ -170,9 +170,11 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     """Write TensorBoard scalars to <output_dir>/tb when tensorboard is installed."""
-    packing: bool = False
-    """Pack several sequences per row (attention kept inside each sequence)."""
+    packing: bool = True
+    """Pack several sequences per row, attention kept inside each sequence (the fastest layout in
+    benchmarks/bench_step.py); false = one row per sequence, padded to the micro-batch's longest."""
     pack_length: int = 1024
+    """Tokens per packed row (a longer sequence gets a row of its own)."""
 
     def __post_init__(self):
         if self.schedule not in ("constant", "linear", "cosine"):

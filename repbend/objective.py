@@ -33,9 +33,10 @@ class LossTerms:
     total: torch.Tensor
     parts: dict[str, torch.Tensor | None]
 
-    def as_floats(self) -> dict[str, float | None]:
-        out = {"loss": float(self.total.detach())}
-        out.update({k: (None if v is None else float(v.detach())) for k, v in self.parts.items()})
+    def detached(self) -> dict[str, torch.Tensor]:
+        """The total ("loss") and every computed term, detached, still on the device (no host sync)."""
+        out = {"loss": self.total.detach()}
+        out.update({k: v.detach() for k, v in self.parts.items() if v is not None})
         return out
 
 

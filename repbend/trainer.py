@@ -163,7 +163,7 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     while step < t.max_steps:
         dist.fault_point(step + 1)  # REPBEND_FAULT_AT_STEP test hook (repbend.distributed)
         t0 = time.perf_counter()
-        sums = dict.fromkeys(("loss",) + TERMS)
+        acc: dict[str, torch.Tensor] = {}  # the micro-batches' mean of each term, read once per step
         tokens = positions = 0
         for k in range(t.grad_accum):  # micro index: a pure function of (step, k, rank), see the sampler
             index = (step * t.grad_accum + k) * dist.world_size + dist.rank
@@ -173,11 +173,12 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
             with autocast, dist.no_sync_unless(runner, k == t.grad_accum - 1):
                 terms = repbend_loss(model, batch, cfg.loss, n_layers, runner=runner)
                 (terms.total / t.grad_accum).backward()
-            for name, v in terms.as_floats().items():
-                if v is not None:
-                    sums[name] = (sums[name] or 0.0) + v / t.grad_accum
+            for name, v in terms.detached().items():
+                acc[name] = acc[name] + v / t.grad_accum if name in acc else v / t.grad_accum
             tokens += batch.useful_tokens
             positions += batch.input_ids.numel()
+        sums = dict.fromkeys(("loss",) + TERMS)
+        sums.update(zip(acc, torch.stack(list(acc.values())).float().tolist()))  # the step's one host sync
         sums = dist.mean_of(sums)
         grad_norm = dist.clip_grad_norm_(params, t.max_grad_norm)
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))

@@ -1,0 +1,116 @@
+"""benchmarks/bench_step.py: every variant computes the same loss on the same batch, and the run writes its files.
+
+Sizes are cut down (tiny model, --scale 0.125: sequence lengths, the reference's 512/512/1024 padding and the pack
+length all divided by 8), and in-process runs skip the reference's gc.collect() calls (eight a step, ~0.1-1 s each
+in a process holding pytest and transformers): they are its cost, not its loss.
+"""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_step as bs  # noqa: E402
+from reference_recipe import DYNAMIC, Padding, build_reference_batch, pad_set, reference_loss  # noqa: E402
+
+from repbend.batching import collate  # noqa: E402
+from repbend.config import LossConfig  # noqa: E402
+from repbend.objective import repbend_loss  # noqa: E402
+
+SCALE = 0.125
+FIXED_SMALL = Padding(64, 64, 128)   # the reference's 512/512/1024 at SCALE
+
+
+@pytest.fixture(autouse=True)
+def no_gc_one_thread(monkeypatch):
+    import reference_recipe
+    monkeypatch.setattr(reference_recipe, "free_memory", lambda device: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the benchmark's CPU default; more threads on a busy 2-core machine spin and crawl
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    spec = bs.MODELS["tiny"]
+    model, n_layers, _ = bs.build_model(spec, torch.device("cpu"), torch.float32, "sdpa", False, 0.05, seed=42)
+    micro = bs.micro_batches(spec.vocab, 2, seed=42, count=1, scale=SCALE)[0]
+    model.train()
+    return model, n_layers, micro
+
+
+def test_reference_layout_puts_the_last_request_token_at_one_column(setup):
+    _, _, micro = setup
+    cfg = LossConfig(target_layers=[2, 3])
+    ps = pad_set(micro.unsafe, cfg, bs.PAD_ID, FIXED_SMALL)
+    assert ps.input_ids.shape == (len(micro.unsafe), 128)
+    for b, s in enumerate(micro.unsafe):
+        row = ps.input_ids[b][ps.attention_mask[b].bool()].tolist()
+        assert row == list(s.input_ids)
+        assert ps.input_ids[b, 63].item() == s.input_ids[s.request_len - 1]   # column 511 at full scale
+        assert ps.term_mask[b].sum().item() == s.response_len                  # response_all
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_all_variants_compute_the_same_loss(setup, eta):
+    model, n_layers, micro = setup
+    cfg = LossConfig(target_layers=bs.target_layers(n_layers), eta=eta)
+    got = {}
+    with bs.dropout_off(model), torch.no_grad():
+        for name, pack in (("repbend", round(bs.PACK_LENGTH * SCALE)), ("repbend+padded", None)):
+            t = repbend_loss(model, collate(micro, cfg, bs.PAD_ID, pack), cfg, n_layers)
+            got[name] = (t.total, t.parts)
+        for name, padding in (("reference", FIXED_SMALL), ("reference+dynpad", DYNAMIC)):
+            got[name] = reference_loss(model, build_reference_batch(micro, cfg, bs.PAD_ID, padding), cfg, n_layers)
+    want_total, want_parts = got["reference"]
+    for term in ("safe", "unsafe", "cos", "kl") + (("pair",) if eta else ()):
+        assert want_parts[term] is not None and abs(float(want_parts[term])) > 1e-6, term  # every term is exercised
+    for name, (total, parts) in got.items():
+        torch.testing.assert_close(total, want_total, rtol=1e-4, atol=1e-7, msg=name)
+        for term, v in want_parts.items():
+            if v is not None:
+                torch.testing.assert_close(parts[term], v, rtol=1e-4, atol=1e-7, msg=f"{name}: {term}")
+
+
+def _check_outputs(out: Path, variants):
+    res = json.loads((out / "results.json").read_text())
+    assert list(res) == list(variants)
+    for v, e in res.items():
+        for key in ("step_s", "tokens_per_s", "peak_mem_bytes", "mfu", "loss"):
+            assert key in e, (v, key)
+        assert e["status"] == "ok", e.get("error")
+        assert e["step_s"] > 0 and e["tokens_per_s"] > 0 and e["peak_mem_bytes"] > 0
+        assert e["mfu"] is None  # CPU
+        assert e["loss_ok"] is True
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["variant"] for r in rows] == list(variants)
+    png = out / "step_bench.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "loss agreement" in (out / "table.txt").read_text()
+    return res
+
+
+def test_cli_writes_results_csv_and_chart(tmp_path):
+    from repbend.bench import main
+    rc = main(["--model", "tiny", "--steps", "1", "--warmup", "1", "--scale", str(SCALE), "--device", "cpu",
+               "--output", str(tmp_path), "--in-process"])
+    assert rc == 0
+    res = _check_outputs(tmp_path, bs.VARIANTS)
+    assert len({e["tokens_per_step"] for e in res.values()}) == 1  # the same batches in every variant
+    assert res["reference"]["speedup_vs_reference"] == pytest.approx(1.0)
+
+
+def test_variants_run_in_their_own_process(tmp_path):
+    rc = bs.main(["--model", "tiny", "--steps", "1", "--scale", str(SCALE), "--device", "cpu",
+                  "--variants", "repbend", "--output", str(tmp_path)])
+    assert rc == 0
+    res = _check_outputs(tmp_path, ["repbend"])
+    assert res["repbend"]["peak_mem_kind"] in ("rss_peak_of_steps", "rss_peak_of_process")
+    assert (tmp_path / "worker_repbend.log").exists()
