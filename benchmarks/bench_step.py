@@ -44,150 +44,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
-import math
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-VARIANTS = ("repbend", "repbend+padded", "reference", "reference+dynpad")
-PAD_ID, FIRST_ID = 0, 1   # token 0 pads; data ids are drawn from [FIRST_ID, vocab)
-PACK_LENGTH = 1024
-LORA_B_STD = 0.02
+from step_workload import (  # noqa: E402,F401
+    _device, _dtype,
+    VARIANTS, PAD_ID, FIRST_ID, PACK_LENGTH, LORA_B_STD, ModelSpec, MODELS, target_layers, lora_layers, build_model, LengthDist,
+    LENGTHS, synthetic_pools, micro_batches)
 
 
-# ---------------------------------------------------------------- models
-@dataclass(frozen=True)
-class ModelSpec:
-    family: str            # llama | mistral
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    rope_theta: float = 10000.0
-    max_positions: int = 2048
-    checkpointing: bool = False   # the recipe's gradient checkpointing (auto setting)
-
-
-MODELS = {
-    "tiny": ModelSpec("llama", 4, 64, 4, 2, 128, 1000),
-    "small": ModelSpec("llama", 8, 512, 8, 4, 1408, 32000),
-    "llama3-8b": ModelSpec("llama", 32, 4096, 32, 8, 14336, 128256, 500000.0, 8192, True),
-    "mistral-7b": ModelSpec("mistral", 32, 4096, 32, 8, 14336, 32000, 1000000.0, 32768, True),
-}
-
-
-def target_layers(n_layers: int) -> list[int]:
-    """The recipe's U = 20..30 of 32 at the same relative span: floor(20n/32) .. floor(30n/32) (8 layers: 5..7)."""
-    return list(range(20 * n_layers // 32, 30 * n_layers // 32 + 1))
-
-
-def lora_layers(n_layers: int) -> list[int]:
-    """The recipe: adapters on decoder layers 0 .. the last target index (0..30 of 32; 0..7 of 8)."""
-    return list(range(min(max(target_layers(n_layers)), n_layers - 1) + 1))
-
-
-def build_model(spec: ModelSpec, device, dtype, attn: str, checkpointing: bool, lora_dropout: float, seed: int):
-    """The base model from `spec` with random weights (built on `device`), plus fresh LoRA r=16 on all 7 projections.
-    Returns (peft model, n_layers, N = parameters counted by the MFU)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-
-    from repbend.model import LoraSettings, attach_lora
-
-    llama = spec.family == "llama"
-    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if llama else (MistralConfig, MistralForCausalLM)
-    extra = {"sliding_window": None} if spec.family == "mistral" else {}
-    config = cfg_cls(vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-                     num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-                     max_position_embeddings=spec.max_positions, rope_theta=spec.rope_theta, rms_norm_eps=1e-5,
-                     tie_word_embeddings=False, attention_dropout=0.0, pad_token_id=PAD_ID, bos_token_id=FIRST_ID,
-                     eos_token_id=FIRST_ID + 1, **extra)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = model_cls._from_config(config, dtype=dtype, attn_implementation=attn)
-    model.eval()
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = attach_lora(model, LoraSettings(r=16, alpha=16, dropout=lora_dropout), lora_layers(spec.layers))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # B = 0 would make h' == h: move it so that every loss term is exercised
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * LORA_B_STD)
-    return model.to(device), spec.layers, n_params
-
-
-# ---------------------------------------------------------------- data
-@dataclass(frozen=True)
-class LengthDist:
-    """Token counts: round(lognormal(log(median), sigma)) clipped to [lo, hi]."""
-    median: float
-    sigma: float
-    lo: int
-    hi: int
-
-
-LENGTHS = {  # shaped after the public sets (chat template included)
-    "wgm_request": LengthDist(70, 0.9, 8, 512),     # WildGuardMix requests: tens to a few hundred tokens
-    "wgm_response": LengthDist(180, 0.8, 4, 512),   # WildGuardMix responses: up to ~500
-    "wj_request": LengthDist(120, 0.8, 8, 512),     # WildJailbreak requests (adversarial ones are longer)
-    "wj_refusal": LengthDist(60, 0.5, 4, 512),
-    "wj_harmful": LengthDist(300, 0.5, 4, 512),
-    "retain": LengthDist(600, 0.45, 64, 1024),      # UltraChat conversations: up to ~1000
-}
-
-
-def synthetic_pools(vocab: int, batch_size: int, seed: int, scale: float = 1.0):
-    """Pools of 64 micro-batches' worth of rows (one length-grouping chunk), random token ids. `scale` multiplies
-    every length (quick runs only)."""
-    import numpy as np
-
-    from repbend.data.examples import DataReport, Pools, Sequence
-    from repbend.data.sampler import CHUNK_BATCHES, seeded_rng
-
-    rng = seeded_rng(seed, "bench_step")
-    n = CHUNK_BATCHES * batch_size
-
-    def lengths(name):
-        d = LENGTHS[name]
-        lo, hi = max(2, round(d.lo * scale)), max(2, round(d.hi * scale))
-        return np.clip(np.round(rng.lognormal(math.log(d.median * scale), d.sigma, n)), lo, hi).astype(int).tolist()
-
-    def ids(k):
-        return tuple(rng.integers(FIRST_ID, vocab, k).tolist())
-
-    def rows(name):
-        return [Sequence(ids(r + s), r, f"synthetic:{name}:{i}")
-                for i, (r, s) in enumerate(zip(lengths("wgm_request"), lengths("wgm_response")))]
-
-    safe, unsafe = rows("wgm_safe"), rows("wgm_unsafe")
-    pairs = []
-    for i, (r, a, b) in enumerate(zip(lengths("wj_request"), lengths("wj_refusal"), lengths("wj_harmful"))):
-        req = ids(r)
-        pairs.append((Sequence(req + ids(a), r, f"synthetic:wj:{i}"), Sequence(req + ids(b), r, f"synthetic:wj:{i}")))
-    retain = [Sequence(ids(k), 0, f"synthetic:retain:{i}") for i, k in enumerate(lengths("retain"))]
-    report = DataReport(request_only=False, limits={}, max_examples_per_pool=None, seed=seed)
-    return Pools(safe, unsafe, pairs, retain, report)
-
-
-def micro_batches(vocab: int, batch_size: int, seed: int, count: int, scale: float = 1.0) -> list:
-    from repbend.data.sampler import MicroBatchSampler
-
-    pools = synthetic_pools(vocab, batch_size, seed, scale)
-    sampler = MicroBatchSampler(pools, batch_size, seed, group_by_length=True)
-    return [sampler(i) for i in range(count)]
-
-
-# ---------------------------------------------------------------- one step of each variant
 class Phases:
     """Host-side time per phase of a step; `sync` makes it meaningful on GPU (and costs a little there)."""
 
@@ -427,13 +297,6 @@ def bf16_matmul_tflops(device, n: int = 8192, iters: int = 20) -> float:
     return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def _dtype(name: str, device):
-    import torch
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 # ---------------------------------------------------------------- the parent: isolation, results, reports
 def layout_overhead(a: argparse.Namespace, n_batches: int = 32) -> dict[str, float]:
     """Positions per pass / useful tokens of each variant's layout, over the first `n_batches` micro-batches
@@ -483,127 +346,8 @@ def _slug(s: str) -> str:
     return s.replace("+", "_")
 
 
-def summarize(a, results: dict, tflops: float | None, overhead: dict | None = None) -> dict:
-    """Per variant: the fixed keys, ratios against `reference` and the loss check."""
-    ref = results.get("reference", {})
-    base_loss = ref.get("loss") if ref.get("status") == "ok" else results.get("repbend", {}).get("loss")
-    rtol = a.loss_rtol if a.loss_rtol is not None else (1e-4 if _dtype(a.dtype, _device(a.device)).itemsize == 4
-                                                        else 5e-2)
-    table = {}
-    for v, r in results.items():
-        e = {"status": r.get("status"), "step_s": r.get("step_s"), "tokens_per_s": r.get("tokens_per_s"),
-             "peak_mem_bytes": r.get("peak_mem_bytes"), "mfu": None, "loss": r.get("loss")}
-        flops_c = 6 + (2 if r.get("checkpointing") else 0)
-        if tflops and e["tokens_per_s"]:
-            e["mfu"] = flops_c * r["n_params"] * e["tokens_per_s"] / (tflops * 1e12)
-        e["speedup_vs_reference"] = _ratio(e["tokens_per_s"], ref.get("tokens_per_s"))
-        e["mem_vs_reference"] = _ratio(e["peak_mem_bytes"], ref.get("peak_mem_bytes") if ref.get("status") == "ok"
-                                       else None)
-        e["loss_rel_diff"] = (abs(e["loss"] - base_loss) / max(abs(base_loss), 1e-12)
-                              if e["loss"] is not None and base_loss is not None else None)
-        e["loss_ok"] = None if e["loss_rel_diff"] is None else e["loss_rel_diff"] <= rtol
-        e["positions_per_useful_32"] = (overhead or {}).get(v)
-        e.update(model=a.model, device=a.device, dtype=str(_dtype(a.dtype, _device(a.device))).replace("torch.", ""),
-                 batch_size=a.batch_size, steps=a.steps, warmup=a.warmup, loss_rtol=rtol,
-                 flops_per_token=flops_c * r["n_params"] if r.get("n_params") else None)
-        for k in ("error", "terms", "tokens_per_step", "positions_per_pass", "step_s_all", "step_cpu_s",
-                  "peak_mem_kind", "mem_before_steps", "phases_s", "attn", "checkpointing", "n_params", "threads"):
-            e[k] = r.get(k)
-        table[v] = e
-    return table
+from step_report import format_table, summarize, write_outputs  # noqa: E402
 
-
-def _ratio(x, y):
-    return x / y if x is not None and y else None
-
-
-def _device(name: str):
-    import torch
-    return torch.device(name)
-
-
-def format_table(a, table: dict, tflops: float | None) -> str:
-    first = next(iter(table.values()))
-    lines = [f"repbend bench: {a.model} on {a.device} ({first['dtype']}), batch {a.batch_size} per set "
-             f"(2B safe, 2B unsafe, B retain), {a.warmup} warm-up + {a.steps} timed steps, seed {a.seed}"
-             + (f", lengths x{a.scale:g}" if a.scale != 1 else "") + (f", {a.threads} threads" if a.threads else "")
-             + (f", bf16 matmul {tflops:.0f} TFLOP/s" if tflops else ""),
-             ]
-    cols = [  # (header, width, value, format)
-        ("variant", -18, lambda e, v: v, "s"), ("status", -8, lambda e, v: e["status"], "s"),
-        ("step s", 9, lambda e, v: e["step_s"], ".3f"), ("cpu s", 9, lambda e, v: e["step_cpu_s"], ".3f"),
-        ("useful tok/s", 14, lambda e, v: e["tokens_per_s"], ",.0f"),
-        ("x ref", 7, lambda e, v: e["speedup_vs_reference"], ".2f"),
-        ("tok/step", 9, lambda e, v: e["tokens_per_step"], ",.0f"),
-        ("pos/pass", 9, lambda e, v: e["positions_per_pass"], ",.0f"),
-        ("peak GiB", 10, lambda e, v: None if e["peak_mem_bytes"] is None else e["peak_mem_bytes"] / 2**30, ".2f"),
-        ("x ref", 7, lambda e, v: e["mem_vs_reference"], ".2f"), ("MFU", 7, lambda e, v: e["mfu"], ".1%"),
-        ("loss", 14, lambda e, v: e["loss"], ".8f"), ("rel diff", 9, lambda e, v: e["loss_rel_diff"], ".1e")]
-
-    def cell(text, width):
-        return text.ljust(-width) if width < 0 else text.rjust(width)
-    lines.append("".join(cell(h, w) for h, w, _, _ in cols))
-    for v, e in table.items():
-        vals = [fn(e, v) for _, _, fn, _ in cols]
-        lines.append("".join(cell("-" if x is None else format(x, fmt), w) for x, (_, w, _, fmt) in zip(vals, cols)))
-    if any(e.get("positions_per_useful_32") for e in table.values()):
-        lines.append("positions per pass / useful tokens over 32 micro-batches: " + ", ".join(
-            f"{v} {e['positions_per_useful_32']:.2f}" for v, e in table.items() if e.get("positions_per_useful_32")))
-    ok = [e["loss_ok"] for e in table.values() if e["loss_ok"] is not None]
-    verdict = "not checked (fewer than two losses)" if len(ok) < 2 else ("OK" if all(ok) else "MISMATCH")
-    lines.append(f"loss agreement (rtol {first['loss_rtol']:g}): {verdict}")
-    fast = {v: e["tokens_per_s"] for v, e in table.items() if v.startswith("repbend") and e["tokens_per_s"]}
-    if fast:
-        lines.append(f"fastest repbend layout: {max(fast, key=fast.get)}")
-    for v, e in table.items():
-        if e.get("error"):
-            lines.append(f"{v}: {e['error'][:300]}")
-    return "\n".join(lines)
-
-
-def plot(table: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(table)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, ratio, label, scale in ((axes[0], "tokens_per_s", "speedup_vs_reference", "useful tokens / s", 1),
-                                         (axes[1], "peak_mem_bytes", "mem_vs_reference", "peak memory (GiB)", 2**30)):
-        vals = [(table[v][key] or 0) / scale if table[v]["status"] == "ok" else 0 for v in names]
-        bars = ax.bar(names, vals, color=["tab:green" if v.startswith("repbend") else "tab:gray" for v in names])
-        for b, v in zip(bars, names):
-            r = table[v][ratio]
-            text = table[v]["status"] if table[v]["status"] != "ok" else ("" if r is None else f"{r:.2f}x")
-            ax.annotate(text, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom")
-        ax.set_ylim(0, max(vals + [1e-9]) * 1.15)  # room for the labels
-        ax.set_ylabel(label)
-        ax.tick_params(axis="x", labelrotation=15)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_outputs(a, table: dict, tflops, text: str) -> None:
-    out = Path(a.output)
-    fixed = ("step_s", "tokens_per_s", "peak_mem_bytes", "mfu", "loss")
-    (out / "results.json").write_text(json.dumps(table, indent=2))
-    cols = ["variant", "status", *fixed, "step_cpu_s", "speedup_vs_reference", "mem_vs_reference", "loss_rel_diff",
-            "loss_ok", "tokens_per_step", "positions_per_pass", "positions_per_useful_32", "model", "device", "dtype",
-            "batch_size", "steps", "warmup", "threads", "peak_mem_kind", "checkpointing", "attn"]
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for v, e in table.items():
-            w.writerow({"variant": v, **e})
-    run = {"argv": vars(a), "bf16_matmul_tflops": tflops, "lengths": {k: asdict(d) for k, d in LENGTHS.items()},
-           "model": asdict(MODELS[a.model]), "target_layers": target_layers(MODELS[a.model].layers),
-           "lora_layers": lora_layers(MODELS[a.model].layers), "pack_length": PACK_LENGTH, "lora_b_std": LORA_B_STD,
-           "mfu_formula": "(6 + 2 if checkpointing) * n_params * tokens_per_s / bf16_matmul_tflops"}
-    (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
-    (out / "table.txt").write_text(text + "\n")
-    plot(table, out / "step_bench.png", text.splitlines()[0])
 
 
 def parse_args(argv):
