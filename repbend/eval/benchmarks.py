@@ -215,15 +215,7 @@ def read_transfer(path) -> dict[str, list[dict]]:
         out.setdefault(str(bid), []).append({"prompt": prompt, "method": method})
 
     if path.suffix.lower() == ".jsonl":
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkFormatError(path, n, None, f"not valid JSON ({e})") from e
-            if not isinstance(rec, dict):
-                raise BenchmarkFormatError(path, n, None, "expected an object")
+        for n, rec in _jsonl_objects(path, text.splitlines(), "an object"):
             add(n, _str_field(path, n, rec, ["behavior_id", "id", "BehaviorID"], required=True), rec)
     else:
         try:
@@ -248,18 +240,24 @@ def read_prompts(path) -> list[str]:
     first = next((ln for ln in lines if ln.strip()), "")
     prompts = []
     if path.suffix.lower() in (".jsonl", ".json") or first.lstrip().startswith("{"):
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkFormatError(path, n, None, f"not valid JSON ({e})") from e
-            if not isinstance(rec, dict):
-                raise BenchmarkFormatError(path, n, None, "expected an object with a \"prompt\" field")
+        for n, rec in _jsonl_objects(path, lines, "an object with a \"prompt\" field"):
             prompts.append(_str_field(path, n, rec, ["prompt"], required=True))
     else:
         prompts = [ln for ln in lines if ln.strip()]
     if not prompts:
         raise BenchmarkFormatError(path, None, None, "no prompts")
     return prompts
+
+
+def _jsonl_objects(path, lines, expected: str):
+    """(line number, object) for each non-blank JSONL line; a line that is not a JSON object is an error."""
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BenchmarkFormatError(path, n, None, f"not valid JSON ({e})") from e
+        if not isinstance(rec, dict):
+            raise BenchmarkFormatError(path, n, None, f"expected {expected}")
+        yield n, rec
