@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     if not SCRIPT.is_file():
         raise FileNotFoundError(f"repbend bench runs {SCRIPT}, which is not there: it needs a source checkout "
                                 "of repbend (pip install -e .)")
+    if str(SCRIPT.parent) not in sys.path:  # its sibling modules (workload, report, reference recipe)
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("repbend_bench_step", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

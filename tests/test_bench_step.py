@@ -114,3 +114,11 @@ def test_variants_run_in_their_own_process(tmp_path):
     res = _check_outputs(tmp_path, ["repbend"])
     assert res["repbend"]["peak_mem_kind"] in ("rss_peak_of_steps", "rss_peak_of_process")
     assert (tmp_path / "worker_repbend.log").exists()
+
+
+def test_repbend_bench_entry_point_imports_on_its_own(tmp_path):
+    import subprocess
+    p = subprocess.run([sys.executable, "-m", "repbend", "bench", "--help"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "--model" in p.stdout and "llama3-8b" in p.stdout
