@@ -104,9 +104,11 @@ def repbend_loss(model, batch: StepBatch, loss: LossConfig, n_layers: int, impl:
         last = torch.stack([hs[i].reshape(-1, hs[i].shape[-1]).index_select(0, batch.cos_index) for i in U])
         parts["cos"] = pairwise_cosine_loss(last, impl=impl)
     if use["kl"]:
+        w = lm_head(model).weight
         final = hs[n_layers].reshape(-1, hs[n_layers].shape[-1]).index_select(0, batch.retain_index)
-        parts["kl"] = linear_kl(final, ref["kl"][n_layers], lm_head(model).weight, temperature=loss.temperature,
-                                impl=impl) / batch.n_retain_seqs
+        # one dtype for the fused projection: under autocast the hidden states and the head may differ
+        parts["kl"] = linear_kl(final.to(w.dtype), ref["kl"][n_layers].to(w.dtype), w,
+                                temperature=loss.temperature, impl=impl) / batch.n_retain_seqs
     if use["pair"]:
         d = rep_distance([hs[i] for i in U], torch.stack([ref["pair"][i] for i in U]), batch.pair_mask, impl=impl)
         parts["pair"] = d.l2.sum() / (len(U) * batch.n_pairs * batch.pair_len)
