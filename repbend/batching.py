@@ -39,7 +39,6 @@ class Placement:
 @dataclass
 class StepBatch:
     input_ids: torch.Tensor        # [R, T] long
-    attention_mask: torch.Tensor   # [R, T] long (1 = real token); for packed rows see `seq_ids`
     position_ids: torch.Tensor     # [R, T] long, restarting at 0 for every sequence
     safe_mask: torch.Tensor        # [R, T] bool: tokens of L_safe
     unsafe_mask: torch.Tensor      # [R, T] bool: tokens of L_unsafe
@@ -53,7 +52,6 @@ class StepBatch:
     n_pairs: int
     pair_len: int                  # R' of L_pair (0 when there are no pairs)
     useful_tokens: int             # real (non-padding) tokens in the input
-    seq_ids: torch.Tensor | None = None   # [R, T] int: sequence number per position, -1 = pad
 
     @property
     def shape(self):
@@ -111,7 +109,6 @@ def collate(micro, loss: LossConfig, pad_id: int, pack_length: int | None = None
     ids = torch.full((n_rows, row_len), pad_id, dtype=torch.long)
     attn = torch.zeros((n_rows, row_len), dtype=torch.long)
     pos = torch.zeros((n_rows, row_len), dtype=torch.long)
-    seq_ids = torch.full((n_rows, row_len), -1, dtype=torch.int32)
     safe_mask = torch.zeros((n_rows, row_len), dtype=torch.bool)
     unsafe_mask = torch.zeros_like(safe_mask)
     pair_mask = torch.zeros_like(safe_mask)
@@ -120,7 +117,6 @@ def collate(micro, loss: LossConfig, pad_id: int, pack_length: int | None = None
         ids[p.row, sl] = torch.tensor(s.input_ids, dtype=torch.long)
         attn[p.row, sl] = 1
         pos[p.row, sl] = torch.arange(p.length)
-        seq_ids[p.row, sl] = k
         if k < n_safe + n_unsafe:
             target = safe_mask if k < n_safe else unsafe_mask
             cols = term_positions(loss.mode, s.request_len, p.length, loss.response_r)
@@ -158,11 +154,10 @@ def collate(micro, loss: LossConfig, pad_id: int, pack_length: int | None = None
         dtype=torch.long)
     retain_index, _ = retain_index.sort()
     return StepBatch(
-        input_ids=ids, attention_mask=attn, position_ids=pos, safe_mask=safe_mask, unsafe_mask=unsafe_mask,
+        input_ids=ids, position_ids=pos, safe_mask=safe_mask, unsafe_mask=unsafe_mask,
         safe_index=_flat(safe_mask), unsafe_index=_flat(unsafe_mask),
         cos_index=cos_index, pair_mask=pair_mask, pair_ref_index=pair_ref_index, retain_index=retain_index,
         n_retain_seqs=n_retain, n_pairs=n_pairs, pair_len=plen, useful_tokens=int(attn.sum()),
-        seq_ids=seq_ids,
     )
 
 

@@ -144,7 +144,6 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
-    layers_to_transform: Sequence[int] | None = None
 
 
 def attach_lora(model, settings: LoraSettings, layers_to_transform: Sequence[int]):

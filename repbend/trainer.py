@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .batching import collate
-from .config import RepBendConfig
+from .config import RepBendConfig, parse_layers
 from .distributed import DistState, init_distributed, wrap_model
 from .metrics import StepLogger, peak_memory_bytes
 from .model import LoraSettings, attach_lora, decoder_layers, load_model_and_tokenizer
@@ -79,7 +79,6 @@ def prepare_model(cfg: RepBendConfig, model=None, tokenizer=None, dist: DistStat
     if cfg.lora.layers_to_transform is None:  # the recipe: decoder layers 0 .. the last target index
         layers = list(range(min(max(U), n_layers - 1) + 1))
     else:
-        from .config import parse_layers
         layers = parse_layers(cfg.lora.layers_to_transform)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
