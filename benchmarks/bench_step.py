@@ -5,7 +5,7 @@
 
 Variants, on the same model (random weights from a config), the same micro-batches and the same seed:
   repbend           the trainer's step as shipped: collate (default layout: sequences packed into rows of at most
-                    1024 tokens, train.packing) + repbend_loss (one reference pass, one LoRA pass) + backward
+                    1024 tokens, train.packing) + RepBendLoss (one reference pass, one LoRA pass) + backward
                     + clip + AdamW step on the LoRA parameters; one micro-batch per step (grad_accum 1)
   repbend+padded    the same with one row per sequence, padded to the micro-batch's longest (train.packing false)
   reference         benchmarks/reference_recipe.py: six forwards, 512/512 request/response and 1024 retain
@@ -79,9 +79,10 @@ def make_step(variant: str, model, loss_cfg, n_layers: int, device, autocast, ph
     """A function micro -> (loss tensor, {term: tensor}, useful tokens, positions per pass) doing one full step."""
     import torch
 
-    from repbend.batching import collate
-    from repbend.objective import repbend_loss
+    from repbend.loss import RepBendLoss
+    from repbend.loss.batch import collate
 
+    loss_fn = RepBendLoss(loss_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)  # the recipe
 
@@ -99,7 +100,7 @@ def make_step(variant: str, model, loss_cfg, n_layers: int, device, autocast, ph
             batch = collate(micro, loss_cfg, PAD_ID, pack).to(device)
             phases.mark("collate")
             with autocast:
-                terms = repbend_loss(model, batch, loss_cfg, n_layers)
+                terms = loss_fn(model, batch)
                 phases.mark("loss_terms")
                 terms.total.backward()
             phases.mark("backward")
@@ -142,8 +143,8 @@ def dropout_off(model):
 
 @contextlib.contextmanager
 def timed_passes(phases: Phases):
-    """Split repbend_loss into its reference pass, LoRA pass and terms in the phase timers (restored on exit)."""
-    from repbend import objective, passes
+    """Split the RepBend loss into its reference pass, LoRA pass and terms in the phase timers (restored on exit)."""
+    from repbend.loss import objective, passes
 
     def wrap(fn, name):
         def timed(*a, **k):
@@ -301,8 +302,8 @@ def bf16_matmul_tflops(device, n: int = 8192, iters: int = 20) -> float:
 def layout_overhead(a: argparse.Namespace, n_batches: int = 32) -> dict[str, float]:
     """Positions per pass / useful tokens of each variant's layout, over the first `n_batches` micro-batches
     (no model: a steadier view of the padding than the few timed steps)."""
-    from repbend.batching import collate
     from repbend.config import LossConfig
+    from repbend.loss.batch import collate
     from reference_recipe import DYNAMIC, FIXED, Padding, build_reference_batch
 
     spec = MODELS[a.model]

@@ -1,5 +1,5 @@
 """A cost-faithful re-creation of the published RepBend step (REFERENCE.md, "What the reference implementation
-spends"), for benchmarks only. It computes the same loss as `repbend.objective.repbend_loss` on the same
+spends"), for benchmarks only. It computes the same loss as `repbend.loss.RepBendLoss` on the same
 micro-batch, the way the reference code spends time and memory:
 
 - six forwards per step: reference (adapters off, eval, no_grad) then LoRA, for safe, unsafe and retain separately,
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from repbend.batching import pair_length, term_positions
+from repbend.loss.batch import pair_length, term_positions
 from repbend.config import LossConfig
 
 

@@ -1,16 +1,22 @@
-"""Atomic checkpoints and exact resume.
+"""Atomic, verified checkpoints and exact resume (docs/checkpoints.md).
 
 A checkpoint is a directory `<output_dir>/checkpoints/step-NNNNNN/` holding
-- `adapter/`: the PEFT adapter as `PeftModel.from_pretrained` loads it;
-- `state.pt`: the trainable (LoRA) tensors, the optimizer and scheduler states, the RNG states of every
-  generator the step uses, the step counter (which is also the data position: micro-batches are a pure
-  function of their index, see `repbend.data.sampler`), the count of bad steps in a row and the config.
+- `adapter/`: the trained weights in their loadable form (a PEFT adapter, or RMU's tensors);
+- `state.pt`: the trained tensors, the optimizer and scheduler states, the RNG states, the step counter (which is
+  also the data position: micro-batches are a pure function of their index), the count of bad steps in a row;
+- `config.json`: the run's settings, compared by a resume;
+- `manifest.json`, written last: the size and SHA-256 of every other file.
 
-It is written into a temporary sibling directory and renamed into place, so that a crash leaves either a
-whole checkpoint or none (a leftover `*.tmp*` directory is ignored and removed by the next save).
+It is written into a temporary sibling directory and renamed into place, so that a crash leaves either a whole
+checkpoint or none (a leftover `*.tmp*` directory is removed by the next save). A checkpoint whose manifest is
+missing or does not match its files (a truncated `state.pt`, say) is incomplete: `latest_checkpoint` skips it
+with a warning that names it, and resumes from the newest complete one.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
 import re
@@ -20,7 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+log = logging.getLogger("repbend")
+
 _NAME = re.compile(r"^step-(\d{6,})$")
+MANIFEST = "manifest.json"
 
 
 def rng_state() -> dict:
@@ -43,24 +52,66 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every `step-N` directory (complete or not), oldest first."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and (p / "state.pt").is_file():
-            found.append((int(m.group(1)), p))
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return sorted(found)
 
 
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(root: Path) -> None:
+    entries = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _digest(p)} for p in _files(root)}
+    (root / MANIFEST).write_text(json.dumps({"files": entries}, indent=1), encoding="utf-8")
+
+
+def verify(path: str | Path) -> str | None:
+    """None when the checkpoint at `path` is complete; else what is wrong with it."""
+    root = Path(path)
+    try:
+        listed = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish)"
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable"
+    for rel, want in listed.items():
+        f = root / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {want['size']}"
+        if _digest(f) != want["sha256"]:
+            return f"{rel} does not match its checksum"
+    if "state.pt" not in listed:
+        return "the manifest lists no state.pt"
+    return None
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+    """The newest complete checkpoint; each newer incomplete one is skipped with a warning naming it."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("skipping the incomplete checkpoint %s: %s", path, problem)
+    return None
 
 
-def save_checkpoint(output_dir: str | Path, step: int, *, save_adapter, state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically. `save_adapter(dir)` writes the PEFT adapter; `state` is pickled."""
+def save_checkpoint(output_dir: str | Path, step: int, *, save_adapter, state: dict, config: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically. `save_adapter(dir)` writes the loadable weights; `state` is pickled."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob("*.tmp*"):
@@ -70,6 +121,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, save_adapter, state: d
     tmp.mkdir()
     save_adapter(tmp / "adapter")
     torch.save(state, tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str), encoding="utf-8")
+    write_manifest(tmp)
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. the end coincides with a periodic save)
         shutil.rmtree(final)
@@ -82,11 +135,22 @@ def save_checkpoint(output_dir: str | Path, step: int, *, save_adapter, state: d
 
 
 def load_state(path: str | Path) -> dict:
-    path = Path(path)
-    f = path / "state.pt"
-    if not f.is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint: {f} is missing")
-    return torch.load(f, map_location="cpu", weights_only=False)
+    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+
+
+def load_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished directory `tmp` at `final` (replacing what was there) so that `final` is never half
+    written: the old one is renamed aside first and removed after."""
+    aside = final.with_name(f"{final.name}.old{os.getpid()}")
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(final)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,12 +1,10 @@
 """The `repbend` command: train | demo | eval | logit-lens | rep-shift | bench."""
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
 import logging
 import os
 import sys
+import traceback
 
 USAGE = """usage: repbend COMMAND [options]
 
@@ -18,7 +16,7 @@ commands:
   rep-shift   per-layer representation shift, base vs tuned
   bench       end-to-end step benchmark against the reference recipe
 
-`repbend COMMAND --help` lists the options of a command.
+`repbend COMMAND --help` lists the options of a command. `--debug` shows the traceback of an error.
 """
 
 
@@ -34,6 +32,8 @@ def _record(fn):
 @_record
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -41,36 +41,50 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if cmd == "train":
-        return _run(_train, rest)
+        return _run(_train, rest, debug)
     if cmd == "demo":
         from .demo.run import main as demo_main
-        return _run(demo_main, rest)
+        return _run(demo_main, rest, debug)
     if cmd in ("eval", "logit-lens", "rep-shift"):
         from .eval import cli as eval_cli
         fn = {"eval": eval_cli.main_eval, "logit-lens": eval_cli.main_logit_lens,
               "rep-shift": eval_cli.main_rep_shift}[cmd]
-        return _run(fn, rest)
+        return _run(fn, rest, debug)
     if cmd == "bench":
         from .bench import main as bench_main
-        return _run(bench_main, rest)
-    print(f"repbend: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return _run(bench_main, rest, debug)
+    print(f"repbend: error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
 
-def _run(fn, argv) -> int:
-    """Errors the user can fix (config, data, training) are one clear line, not a traceback."""
-    from .config import ConfigError
+def user_errors() -> tuple[type, ...]:
+    """The exception classes that mean "the user can fix this": printed as one line, exit code 2."""
     from .data.errors import DataError
-    from .trainer import TrainingError
+    from .errors import UserError
+    classes = [UserError, DataError]
+    try:
+        from .eval.cli import UsageError
+        classes.append(UsageError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(classes)
+
+
+def _run(fn, argv, debug: bool = False) -> int:
+    """Errors the user can fix (settings, files, rows, runs that cannot start) are one line, `repbend: error: ...`,
+    and exit code 2; `--debug` shows their traceback too. Anything else is a bug and keeps its traceback."""
     try:
         return int(fn(argv) or 0)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
-        print(f"repbend: error: {e}", file=sys.stderr)
+    except user_errors() as e:
+        if debug:
+            traceback.print_exc()
+        print(f"repbend: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 
 def _train(argv: list[str]) -> int:
     from .config import RepBendConfig
+    from .errors import ConfigError
 
     if "-h" in argv or "--help" in argv:
         print(train_help())
@@ -78,12 +92,17 @@ def _train(argv: list[str]) -> int:
     config = None
     if "--config" in argv:
         i = argv.index("--config")
-        if i + 1 >= len(argv):
-            from .config import ConfigError
-            raise ConfigError("--config needs a file")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            raise ConfigError("--config needs a YAML file")
         config = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
+    show = "--print_config" in argv or "--print-config" in argv
+    argv = [a for a in argv if a not in ("--print_config", "--print-config")]
     cfg = RepBendConfig.load(config, argv)
+    if show:
+        import yaml
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     from .trainer import train
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -94,32 +113,14 @@ def _train(argv: list[str]) -> int:
 
 
 def train_help() -> str:
-    """Every config key with its default and its documentation (read from the dataclass source)."""
-    from . import config as cfgmod
+    """Every config key with its type, default and documentation (read from the dataclass source)."""
+    from .config import RepBendConfig
+    from .config_fields import describe_group
 
-    lines = ["usage: repbend train [--config FILE.yaml] [--group.key value ...]", ""]
-    docs = _field_docs(cfgmod)
-    for group in dataclasses.fields(cfgmod.RepBendConfig):
-        cls = group.default_factory().__class__
-        lines.append(f"{group.name}:")
-        inst = cls()
-        for f in dataclasses.fields(cls):
-            doc = docs.get((cls.__name__, f.name), "")
-            lines.append(f"  --{group.name}.{f.name} (default {getattr(inst, f.name)!r})" + (f"\n      {doc}" if doc else ""))
-        lines.append("")
+    lines = ["usage: repbend train [--config FILE.yaml] [--group.key value ...] [--print_config] [--debug]", "",
+             "Settings come from the YAML file, then from --group.key value (or --group.key=value; a bare flag means",
+             "true). --print_config prints the resulting settings as YAML and exits. --debug shows the traceback",
+             "of an error. Every key:", ""]
+    for name, cls in RepBendConfig.groups().items():
+        lines += describe_group(name, cls) + [""]
     return "\n".join(lines)
-
-
-def _field_docs(module) -> dict:
-    """The string literal under each dataclass field (the litgpt convention) keyed by (class, field)."""
-    tree = ast.parse(inspect.getsource(module))
-    out = {}
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        body = node.body
-        for a, b in zip(body, body[1:]):
-            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
-                out[(node.name, a.target.id)] = " ".join(b.value.value.split())
-    return out

@@ -1,200 +1,206 @@
-"""Configuration: one dataclass per group, loaded from YAML and overridden with dotted flags.
+"""Configuration: one dataclass per group, read from YAML and overridden with dotted flags.
 
-    repbend train --config configs/llama3_8b.yaml --train.lr 2e-5 --loss.target_layers 20-30
+    repbend train --config repbend/configs/llama3_8b_instruct.yaml --train.lr 2e-5 --loss.target_layers 20-30
 
-Every field is documented where it is declared; `__post_init__` validates what can be checked early.
+Every field is typed and documented where it is declared; values from YAML, from the command line and from
+Python are converted to the declared type the same way and checked when the group is built
+(`repbend.config_fields`). A wrong value, an unknown key or an impossible combination is a `ConfigError`
+naming the key.
 """
 from __future__ import annotations
 
 import dataclasses
-import typing
+import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-LOSS_MODES = ("request_last", "request_all", "request_response", "response_all", "response_one", "response_R")
-REQUEST_ONLY_MODES = ("request_last", "request_all")
+from .config_fields import Group, Layers, parse_layers
+from .errors import ConfigError
+from .loss.config import LOSS_MODES, METHODS, REQUEST_ONLY_MODES, LossConfig
 
+__all__ = ["RepBendConfig", "ModelConfig", "DataConfig", "LoraConfig", "LossConfig", "TrainConfig",
+           "DistributedConfig", "ConfigError", "parse_layers", "LOSS_MODES", "METHODS", "REQUEST_ONLY_MODES"]
 
-class ConfigError(ValueError):
-    pass
-
-
-def parse_layers(spec) -> list[int]:
-    """"20-30" -> [20, ..., 30] (inclusive); "1,2,5" -> [1, 2, 5]; "2-4,7" mixes both; a list passes through."""
-    if spec is None:
-        return []
-    if isinstance(spec, int):
-        return [spec]
-    if isinstance(spec, (list, tuple)):
-        return [int(x) for x in spec]
-    out: list[int] = []
-    for part in str(spec).replace(" ", "").split(","):
-        if not part:
-            continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            if int(hi) < int(lo):
-                raise ConfigError(f"layer range {part!r} is empty (end before start)")
-            out.extend(range(int(lo), int(hi) + 1))
-        else:
-            out.append(int(part))
-    return out
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Group):
+    NAME = "model"
+
     path: str | None = None
-    """HF model directory or hub name. None (the demo only) builds the bundled tiny model."""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32."""
+    """HF model directory or hub name (the demo alone runs without one: it builds its tiny model)."""
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp16", "fp32")})
+    """Weights and compute dtype: auto = bf16 on a GPU, fp32 on the CPU."""
     device: str = "auto"
-    """auto (the CUDA device of this rank, else CPU) | cpu | cuda | cuda:N."""
-    attn_implementation: str = "auto"
-    """auto (flash_attention_2 on GPU when installed, else sdpa) | sdpa | eager | flash_attention_2."""
+    """auto (this rank's CUDA device, else the CPU), cpu, cuda or cuda:N."""
+    attn_implementation: str = field(default="auto", metadata={"choices": ATTENTION})
+    """Attention backend: auto picks flash_attention_2 on a GPU when flash-attn is installed, else sdpa. Packed rows
+    stay exact on every backend (each gets its own layout; see the README's performance section)."""
     gradient_checkpointing: bool = False
-    """Recompute decoder layers in the backward of the LoRA pass (the recipe turns it on)."""
+    """Recompute the decoder layers in the backward of the trained pass (less memory, ~30% more compute)."""
     liger: bool = False
-    """Liger-kernel RMSNorm/RoPE/SwiGLU patches (CUDA, when installed)."""
+    """Liger-kernel RMSNorm/RoPE/SwiGLU patches (GPU, when liger-kernel is installed)."""
+
+    def validate(self) -> None:
+        self.check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
+                   "be auto, cpu, cuda or cuda:N")
+        self.check(self.path is None or self.path.strip() != "", "path", "not be empty")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Group):
+    NAME = "data"
+
     wildguardmix: str | None = None
-    """WildGuardMix rows: a .jsonl/.json/.parquet file or a hub name."""
+    """WildGuardMix rows: a .jsonl/.json/.parquet file or a hub name NAME[:CONFIG][@SPLIT]."""
     wildjailbreak: str | None = None
-    """WildJailbreak pairs file (prompt, prompt_type, harmless_answer, harmful_answer)."""
+    """WildJailbreak pairs (prompt, prompt_type, harmless_answer, harmful_answer): a file or a hub name."""
     ultrachat: str | None = None
-    """UltraChat conversations (messages) for the retain set."""
+    """UltraChat conversations (messages) for the retain rows: a file or a hub name."""
     max_examples_per_pool: int = 10_000
-    """At most this many examples per pool (a seeded random subset when more qualify)."""
+    """At most this many rows per pool (a seeded random subset when more qualify)."""
     max_request_tokens: int = 512
-    """Longer requests keep their end (the generation prompt included)."""
+    """A longer request keeps its BOS and its last tokens (the generation prompt survives)."""
     max_response_tokens: int = 512
-    """Longer responses keep their beginning."""
+    """A longer response keeps its first tokens."""
     max_retain_tokens: int = 1024
-    """Longer retain chats keep their beginning."""
+    """A longer retain conversation keeps its first tokens."""
     skip_invalid: bool = False
-    """Skip (and count) malformed rows instead of stopping with an error."""
+    """Skip (and count, by reason) malformed rows instead of stopping at the first."""
     group_by_length: bool = True
     """Put rows of similar length into the same micro-batch (less padding)."""
+    empty_request_p: float = 0.5
+    """Circuit Breakers and RMU: chance that a row (all but WildJailbreak harmful ones) is drawn with an empty
+    instruction (user turn empty; an UltraChat row keeps its first reply only). Seeded; RepBend ignores it."""
+
+    def validate(self) -> None:
+        for name in ("max_examples_per_pool", "max_request_tokens", "max_response_tokens", "max_retain_tokens"):
+            self.check(getattr(self, name) >= 1, name, "be >= 1")
+        self.check(0.0 <= self.empty_request_p <= 1.0, "empty_request_p", "be in [0, 1]")
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Group):
+    NAME = "lora"
+
     r: int = 16
+    """LoRA rank."""
     alpha: int = 16
+    """LoRA alpha (the update is scaled by alpha / r)."""
     dropout: float = 0.05
+    """Dropout on the LoRA input. Masks are drawn from a generator seeded by (train.seed, micro-batch index),
+    so a run gives the same result on 1 or N processes and after a resume."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    layers_to_transform: Any = None
-    """Decoder layers that get adapters: "0-30", a list, or None = 0 .. the last target layer (the recipe)."""
+    """Linear modules (by name) that get adapters."""
+    layers_to_transform: Layers | None = None
+    """Decoder layers that get adapters: "0-30", a list, or null = 0 .. the last layer the loss reads."""
+
+    def validate(self) -> None:
+        self.check(self.r >= 1, "r", "be >= 1")
+        self.check(self.alpha > 0, "alpha", "be > 0")
+        self.check(0.0 <= self.dropout < 1.0, "dropout", "be in [0, 1)")
+        self.check(len(self.target_modules) > 0, "target_modules", "name at least one module")
 
 
 @dataclass
-class LossConfig:
-    mode: str = "response_all"
-    """Which tokens form the safe/unsafe masks: one of LOSS_MODES (REFERENCE.md)."""
-    alpha: float = 0.5
-    """Weight of L_safe (keep safe representations)."""
-    beta: float = 0.5
-    """Weight of L_unsafe (push unsafe representations away; subtracted)."""
-    gamma: float = 0.1
-    """Weight of L_cos (pull the unsafe last-request-token representations together)."""
-    epsilon: float = 0.3
-    """Weight of L_KL on the retain set."""
-    eta: float = 0.0
-    """Weight of L_pair (harmful answer vs refusal of the same WildJailbreak request)."""
-    alpha_mode: str = "all"
-    """all: L_safe over all n_layers+1 hidden-state indices; target: over the target layers only."""
-    target_layers: Any = "20-30"
-    """Hidden-state indices U (0 = embeddings, i = output of decoder layer i-1): "20-30", "1,2,3" or a list."""
-    temperature: float = 2.0
-    """KL temperature T."""
-    response_r: int = 20
-    """R of the response_R mode: the first R response tokens."""
-    paired_repr_length: int = 20
-    """Positions p .. p+R-1 of L_pair, R = min(this, the shortest response of the pairs in the batch)."""
+class TrainConfig(Group):
+    NAME = "train"
 
-    def __post_init__(self):
-        if self.mode not in LOSS_MODES:
-            raise ConfigError(f"loss.mode must be one of {', '.join(LOSS_MODES)}; got {self.mode!r}")
-        if self.alpha_mode not in ("all", "target"):
-            raise ConfigError(f"loss.alpha_mode must be 'all' or 'target'; got {self.alpha_mode!r}")
-        self.target_layers = parse_layers(self.target_layers)
-        if not self.target_layers:
-            raise ConfigError("loss.target_layers is empty")
-        if self.temperature <= 0:
-            raise ConfigError("loss.temperature must be positive")
-
-    @property
-    def request_only(self) -> bool:
-        return self.mode in REQUEST_ONLY_MODES
-
-
-@dataclass
-class TrainConfig:
     output_dir: str = "runs/repbend"
-    """The adapter lands in <output_dir>/adapter, the step log in <output_dir>/log.jsonl."""
+    """Run directory: config.yaml, log.jsonl, checkpoints/, adapter/ (docs/checkpoints.md)."""
+    overwrite: bool = False
+    """A fresh run into an output_dir that holds another run's checkpoints, log or adapter is refused; true
+    removes them first."""
+    resume: bool | str | None = None
+    """true (or auto) = the newest complete checkpoint in output_dir, if any; a path = that checkpoint;
+    null/false = start fresh."""
+    allow_config_change: bool = False
+    """Let a resume go on with settings that change the training trajectory (recorded in config_changes.jsonl)."""
     max_steps: int = 450
     """Optimizer steps."""
     batch_size: int = 4
-    """Rows per set (B) per device and micro-step: 2B safe, 2B unsafe, B retain."""
+    """Rows per set (B) per process and micro-step: RepBend reads 2B safe, 2B unsafe and B retain rows."""
     grad_accum: int = 4
     """Micro-batches per optimizer step; their losses are averaged."""
     lr: float = 1e-5
+    """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "constant"
-    """constant | linear | cosine (decay to 0 at max_steps), each after `warmup_steps` of linear warm-up."""
+    """AdamW betas (two values)."""
+    schedule: str = field(default="constant", metadata={"choices": ("constant", "linear", "cosine")})
+    """Learning-rate schedule after the warm-up: constant, or linear/cosine decay to 0 at max_steps."""
     warmup_steps: int = 0
+    """Steps of linear warm-up from 0."""
     max_grad_norm: float = 1.0
-    """Clip the LoRA gradients' global norm (0 = off)."""
+    """Clip the global gradient norm of the trained tensors (0 = no clipping)."""
     seed: int = 42
+    """Seeds the adapters' initialisation, the data order and the dropout masks."""
     save_every: int = 50
     """Checkpoint every N optimizer steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
-    """Most recent checkpoints kept on disk."""
-    resume: Any = None
-    """True/"auto" = the latest checkpoint in output_dir; a path = that checkpoint; None = start fresh."""
+    """Most recent checkpoints kept on disk (0 = all)."""
     max_bad_steps: int = 5
-    """Stop after this many steps in a row with a non-finite loss or gradient (each is skipped)."""
+    """Stop after this many steps in a row with a non-finite loss or gradient (each one is skipped);
+    0 stops at the first."""
     eval_every: int = 0
     """Run the periodic held-out evaluation every N steps (0 = off)."""
     eval_heldout: str | None = None
     """JSONL of held-out prompts for the periodic evaluation ({kind: harmful|benign, prompt, answer?})."""
     merge: bool = False
-    """Also write <output_dir>/merged: the base model with the adapter merged in."""
+    """Also write <output_dir>/merged: the base model with the trained weights merged in."""
     progress: bool = True
+    """Show a progress bar."""
     tensorboard: bool = True
-    """Write TensorBoard scalars to <output_dir>/tb when tensorboard is installed."""
+    """Write TensorBoard scalars to <output_dir>/tb (a warning, once, when tensorboard is not installed)."""
+    report_to: list[str] = field(default_factory=list, metadata={"choices": ("tensorboard", "wandb")})
+    """Further metric sinks besides log.jsonl: wandb (Weights & Biases; resumes into the same run on
+    train.resume). tensorboard here is the same as train.tensorboard true."""
+    wandb_project: str = "repbend"
+    """Weights & Biases project name."""
     packing: bool = True
-    """Pack several sequences per row, attention kept inside each sequence (the fastest layout in
-    benchmarks/bench_step.py); false = one row per sequence, padded to the micro-batch's longest."""
+    """Pack several sequences per row, attention kept inside each sequence (the fastest layout); false = one
+    row per sequence, padded to the micro-batch's longest."""
     pack_length: int = 1024
     """Tokens per packed row (a longer sequence gets a row of its own)."""
 
-    def __post_init__(self):
-        if self.schedule not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"train.schedule must be constant, linear or cosine; got {self.schedule!r}")
-        for name in ("max_steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be at least 1")
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "pack_length"):
+            self.check(getattr(self, name) >= 1, name, "be >= 1")
+        for name in ("warmup_steps", "save_every", "keep_checkpoints", "max_bad_steps", "eval_every", "seed"):
+            self.check(getattr(self, name) >= 0, name, "be >= 0")
+        self.check(self.lr > 0 and self.lr == self.lr and self.lr != float("inf"), "lr", "be a positive number")
+        self.check(self.weight_decay >= 0, "weight_decay", "be >= 0")
+        self.check(self.max_grad_norm >= 0, "max_grad_norm", "be >= 0")
+        self.check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
+                   "be two values in [0, 1)")
+        self.check(self.output_dir.strip() != "", "output_dir", "not be empty")
+        if self.resume is True or (isinstance(self.resume, str) and self.resume.lower() in ("auto", "latest")):
+            self.resume = "auto"
+        elif self.resume is False:
+            self.resume = None
+
+    @property
+    def sinks(self) -> list[str]:
+        """The metric sinks besides log.jsonl."""
+        out = ["tensorboard"] if self.tensorboard else []
+        return out + [s for s in self.report_to if s not in out]
 
 
 @dataclass
-class DistributedConfig:
-    strategy: str = "ddp"
-    """ddp (replicate the frozen base) | fsdp (FSDP2 fully_shard per decoder layer and the root); only used
-    under torchrun (WORLD_SIZE > 1)."""
-    backend: str = "auto"
-    """auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
+class DistributedConfig(Group):
+    NAME = "distributed"
 
-    def __post_init__(self):
-        if self.strategy not in ("ddp", "fsdp"):
-            raise ConfigError(f"distributed.strategy must be ddp or fsdp; got {self.strategy!r}")
+    strategy: str = field(default="ddp", metadata={"choices": ("ddp", "fsdp")})
+    """Under torchrun (WORLD_SIZE > 1): ddp (every rank holds the whole model) or fsdp (FSDP2 shards per decoder
+    layer)."""
+    backend: str = field(default="auto", metadata={"choices": ("auto", "nccl", "gloo")})
+    """auto (nccl on CUDA, gloo on the CPU), nccl or gloo."""
 
 
 @dataclass
@@ -207,23 +213,28 @@ class RepBendConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "RepBendConfig":
+    def groups(cls) -> dict[str, type]:
+        return {f.name: f.default_factory().__class__ for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None, source: str = "config") -> "RepBendConfig":
         d = dict(d or {})
-        groups = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(d) - set(groups)
-        if unknown:
-            raise ConfigError(f"unknown config group(s) {sorted(unknown)}; groups are {sorted(groups)}")
+        groups = cls.groups()
+        for name in d:
+            if name not in groups:
+                raise ConfigError(f"{source}: unknown group {name!r}{_hint(name, groups)}; groups are "
+                                  f"{', '.join(groups)}")
         kwargs = {}
-        for name, f in groups.items():
+        for name, group_cls in groups.items():
             sub = d.get(name) or {}
             if not isinstance(sub, dict):
-                raise ConfigError(f"config group {name!r} must be a mapping, got {type(sub).__name__}")
-            sub_cls = f.default_factory().__class__
-            known = {x.name for x in dataclasses.fields(sub_cls)}
-            bad = set(sub) - known
-            if bad:
-                raise ConfigError(f"unknown key(s) {sorted(bad)} in group {name!r}; known: {sorted(known)}")
-            kwargs[name] = sub_cls(**sub)
+                raise ConfigError(f"{source}: group {name!r} must be a mapping of keys, got {type(sub).__name__}")
+            known = [f.name for f in dataclasses.fields(group_cls)]
+            for key in sub:
+                if key not in known:
+                    raise ConfigError(f"{source}: unknown key {name}.{key}{_hint(key, known)}; the keys of {name!r} "
+                                      f"are {', '.join(known)}")
+            kwargs[name] = group_cls(**sub)
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
@@ -234,28 +245,34 @@ class RepBendConfig:
         """YAML file (optional) + `--group.key value` overrides (a list of argv tokens)."""
         d: dict = {}
         if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"--config: no such file: {path}")
             try:
-                d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+                d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
             if not isinstance(d, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping of groups")
-        for key, value in _pairs(overrides or []):
+                raise ConfigError(f"{path}: the top level must be a mapping of groups (model, data, lora, ...)")
+        groups = cls.groups()
+        for key, value in parse_overrides(overrides or []):
             group, _, name = key.partition(".")
-            if not name:
-                raise ConfigError(f"override --{key} must look like --group.key (e.g. --train.lr)")
+            if not name or group not in groups:
+                raise ConfigError(f"--{key}: overrides look like --group.key value, with group one of "
+                                  f"{', '.join(groups)}")
             d.setdefault(group, {})
             d[group] = dict(d[group] or {})
-            d[group][name] = _coerce(cls, group, name, value)
-        return cls.from_dict(d)
+            d[group][name] = value
+        return cls.from_dict(d, source=str(path) if path is not None else "config")
 
 
-def _pairs(argv: list[str]):
+def parse_overrides(argv: list[str]):
+    """`--group.key value`, `--group.key=value` or a bare `--group.key` (= true) -> (key, string value)."""
     i = 0
     while i < len(argv):
         tok = argv[i]
-        if not tok.startswith("--"):
-            raise ConfigError(f"unexpected argument {tok!r}: overrides are --group.key value")
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"unexpected argument {tok!r}: settings are given as --group.key value")
         key = tok[2:]
         if "=" in key:
             key, value = key.split("=", 1)
@@ -264,35 +281,11 @@ def _pairs(argv: list[str]):
             value = argv[i + 1]
             i += 2
         else:
-            value = "true"  # a bare flag
+            value = "true"
             i += 1
         yield key.replace("-", "_"), value
 
 
-def _coerce(cls, group: str, name: str, value: str):
-    """Turn a command-line string into the field's type (YAML rules for lists, bools and null)."""
-    groups = {f.name: f for f in dataclasses.fields(cls)}
-    if group not in groups:
-        raise ConfigError(f"unknown config group {group!r} in --{group}.{name}; groups are {sorted(groups)}")
-    sub_cls = groups[group].default_factory().__class__
-    hints = typing.get_type_hints(sub_cls)
-    if name not in hints:
-        known = sorted(x.name for x in dataclasses.fields(sub_cls))
-        raise ConfigError(f"unknown key --{group}.{name}; known keys of {group!r}: {known}")
-    t = hints[name]
-    parsed = yaml.safe_load(value) if value != "" else ""
-    if t is str or t == (str | None) and parsed is not None:
-        return value if parsed is not None else None
-    if t is float:
-        return float(parsed)
-    if t is int:
-        return int(parsed)
-    if t is bool:
-        if not isinstance(parsed, bool):
-            raise ConfigError(f"--{group}.{name} takes true or false, got {value!r}")
-        return parsed
-    if name in ("target_layers", "layers_to_transform") and isinstance(parsed, str):
-        return parsed
-    if typing.get_origin(t) is list and isinstance(parsed, str):
-        return [x for x in parsed.split(",") if x]
-    return parsed
+def _hint(word: str, known) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -23,9 +23,10 @@ Strategies (the frozen base is never updated; only the LoRA tensors train):
   only by the KL term) stays whole on every rank (a head tied to the embeddings is left unsharded).
   Checkpoints and adapters hold the full tensors, gathered by every rank and written by rank 0.
 
-Ranks: every rank starts from the same seed, so the fresh adapters are identical (rank 0's are broadcast anyway);
-then `seed_per_rank` gives each rank its own torch generator (seed + rank) so that LoRA dropout masks differ.
-Checkpoints keep every rank's RNG state; a run with the same world size resumes exactly.
+Ranks: every rank starts from the same seed, so the fresh adapters are identical (rank 0's are broadcast anyway).
+LoRA dropout draws its masks from generators seeded by (seed, micro-batch index) (`repbend.trainer`), so the
+masks of a micro-batch are the same whichever rank computes it: W processes with grad_accum A give the losses and
+weights of one process with grad_accum W*A, dropout included, and a resume is exact.
 
 Test hooks (documented, read once at start, checked once per step): REPBEND_FAULT_AT_STEP=N makes the ranks in
 REPBEND_FAULT_RANK (comma-separated; default all) fail at the start of step N, by raising `InjectedFault`, or
@@ -120,6 +121,14 @@ class DistState:
         if any(v != values[0] for v in values):
             raise RuntimeError(f"the ranks disagree on {what}: " + ", ".join(f"rank {r}: {v}" for r, v in
                                                                           enumerate(values)))
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (single process: the object itself)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def gather_objects(self, obj) -> object:
         """Every rank's `obj` as a list on all ranks (single process: the object itself)."""
@@ -246,11 +255,6 @@ class DistState:
                         len(saved), self.world_size)
         set_rng_state(saved[self.rank % len(saved)])
 
-    def seed_per_rank(self, seed: int) -> None:
-        """After the adapters exist (same seed everywhere): a distinct torch generator per rank (dropout masks)."""
-        if self.active:
-            torch.manual_seed(seed + self.rank)
-
     # ------------------------------------------------------------ faults and shutdown
     def fault_point(self, step: int) -> None:
         """The REPBEND_FAULT_AT_STEP test hook (see the module docstring); `step` counts from 1."""
@@ -324,11 +328,14 @@ def init_distributed(cfg, device: str = "auto") -> DistState:
                      owns_group=owns, fault_at_step=at, fault_kind=kind)
 
 
-def wrap_model(model, cfg, dist: DistState):
-    """Prepare the PEFT `model` (on `dist.device`) for data parallelism and return the module the passes call
-    (the decoder stack). Call it before building the optimizer: FSDP2 replaces the parameters by DTensors.
-    Records the trainable tensors in `dist.params`."""
+def wrap_model(model, cfg, dist: DistState, params=None):
+    """Prepare `model` (on `dist.device`) for data parallelism and return its decoder stack (the module whose
+    gradient sync `no_sync_unless` controls). Call it before building the optimizer: FSDP2 replaces the parameters
+    by DTensors. Records the trained tensors in `dist.params` (`params`: the method's, or every tensor that
+    requires grad)."""
     stack = backbone(model)
+    ids = {id(p) for p in params} if params is not None else None
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and (ids is None or id(p) in ids)}
     if dist.active:
         with torch.no_grad():  # identical starting adapters on every rank
             for p in model.parameters():
@@ -344,7 +351,7 @@ def wrap_model(model, cfg, dist: DistState):
         for layer in stack.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(stack, mesh=mesh, ignored_params=ignored or None)
-    dist.params = [p for p in model.parameters() if p.requires_grad]
+    dist.params = [p for n, p in model.named_parameters() if n in trained]  # by name: FSDP2 made new tensors
     return stack
 
 

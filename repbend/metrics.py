@@ -21,30 +21,38 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class StepLogger:
-    """Appends one JSON object per optimizer step to `<out>/log.jsonl` (rank 0 only)."""
+    """Appends one JSON object per optimizer step to `<out>/log.jsonl` (rank 0 only), and mirrors the numbers to
+    the progress bar and to the sinks asked for: "tensorboard" (`<out>/tb`) and "wandb" (Weights & Biases, whose
+    run id is kept in `<out>/wandb_id.txt` so that a resumed run continues the same W&B run). A sink whose package
+    is not installed gets one warning and is left out; log.jsonl is always written."""
 
-    def __init__(self, out: Path, *, enabled: bool, progress: bool, tensorboard: bool, total: int, initial: int = 0):
+    def __init__(self, out: Path, *, enabled: bool, progress: bool, sinks: list[str], total: int, initial: int = 0,
+                 config: dict | None = None, project: str = "repbend"):
         self.enabled = enabled
-        self.path = Path(out) / "log.jsonl"
-        self._fh = None
-        self._bar = None
-        self._tb = None
+        self.out = Path(out)
+        self.path = self.out / "log.jsonl"
+        self._fh = self._bar = self._tb = self._wandb = None
         if not enabled:
             return
         if initial == 0 and self.path.exists():
             self.path.unlink()  # a fresh run; a resumed one appends
         elif initial > 0 and self.path.exists():
-            _truncate_after(self.path, initial)  # drop steps logged after the checkpoint we resume from
+            truncate_after(self.path, initial)  # drop steps logged after the checkpoint we resume from
         self._fh = open(self.path, "a", encoding="utf-8")
         if progress:
             from tqdm.auto import tqdm
             self._bar = tqdm(total=total, initial=initial, desc="repbend", unit="step", dynamic_ncols=True)
-        if tensorboard:
+        if "tensorboard" in sinks:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(Path(out) / "tb"))
-            except Exception:  # tensorboard not installed: the JSONL log is the record
-                self._tb = None
+            except ImportError:
+                log.warning("train.tensorboard is on but the tensorboard package is not installed: no TensorBoard "
+                            "scalars (pip install tensorboard, or set --train.tensorboard false); log.jsonl has "
+                            "every number")
+            else:
+                self._tb = SummaryWriter(str(self.out / "tb"))
+        if "wandb" in sinks:
+            self._wandb = _start_wandb(self.out, project, config, resuming=initial > 0)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -54,32 +62,55 @@ class StepLogger:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        scalars = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        scalars.update({f"eval/{k}": v for k, v in (record.get("eval") or {}).items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self._tb.add_scalar(k, v, record["step"])
-            for k, v in (record.get("eval") or {}).items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"eval/{k}", v, record["step"])
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-            self._bar = None
         if self._fh is not None:
             self._fh.close()
-            self._fh = None
         if self._tb is not None:
             self._tb.close()
-            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._fh = self._bar = self._tb = self._wandb = None
 
 
-def _truncate_after(path: Path, step: int) -> None:
+def _start_wandb(out: Path, project: str, config: dict | None, resuming: bool):
+    try:
+        import wandb
+    except ImportError:
+        log.warning("train.report_to has wandb but the wandb package is not installed: no W&B logging "
+                    "(pip install wandb); log.jsonl has every number")
+        return None
+    id_file = out / "wandb_id.txt"
+    run_id = id_file.read_text(encoding="utf-8").strip() if resuming and id_file.is_file() else None
+    if run_id is None:
+        run_id = wandb.util.generate_id()
+        id_file.write_text(run_id + "\n", encoding="utf-8")
+    return wandb.init(project=project, id=run_id, resume="allow", dir=str(out), config=config,
+                      name=out.name)
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step`. Lines that are not whole JSON records (a line torn by a crash, a
+    stray byte) are dropped on their own; every valid earlier record stays."""
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            break  # a torn last line from a crash
-    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(json.dumps(rec))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    tmp.replace(path)

@@ -5,12 +5,16 @@ disabled, the trained pass with them enabled (see `repbend.passes`).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "fp32": torch.float32, "float32": torch.float32}
     if dtype not in names:
-        raise ValueError(f"model.dtype must be auto, {', '.join(names)}; got {dtype!r}")
+        raise ConfigError(f"model.dtype must be auto, {', '.join(names)}; got {dtype!r}")
     return names[dtype]
 
 
@@ -49,14 +53,38 @@ def resolve_attention(attn: str, device: torch.device, dtype: torch.dtype) -> st
     return "sdpa"
 
 
-def load_tokenizer(path: str):
+def check_model_path(path: str, key: str = "model.path") -> None:
+    """A path that looks local must exist (a hub name such as `org/name` is left to the loader)."""
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise ConfigError(f"{key}: {path} is not a directory (give an HF model directory or a hub name)")
+
+
+@contextlib.contextmanager
+def _loading(what: str, path: str, key: str):
+    """Turn a loader's OSError/ValueError (missing files, unknown hub name, no network) into one line naming `key`."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, ImportError) as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise ConfigError(f"{key}: cannot load the {what} from {path}: {first}") from None
+
+
+def load_tokenizer(path: str, key: str = "model.path"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    check_model_path(path, key)
+    with _loading("tokenizer", path, key):
+        tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # only used to fill padding; padded positions are masked everywhere
     if not getattr(tok, "chat_template", None):
-        raise ValueError(f"the tokenizer in {path} has no chat template; RepBend renders every example with it")
+        raise ConfigError(f"{key}: the tokenizer in {path} has no chat template; every row is rendered with the "
+                          "model's own chat template (use an instruct/chat model, or add a chat_template to its "
+                          "tokenizer_config.json)")
     return tok
 
 
@@ -71,12 +99,14 @@ def load_model_and_tokenizer(path: str, *, adapter: str | None = None, dtype: st
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_model_path(path)
+    tokenizer = load_tokenizer(path)
     if liger:
         apply_liger_patches(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dt, attn_implementation=resolve_attention(attn_implementation, dev, dt)
-    ).to(dev)
-    tokenizer = load_tokenizer(path)
+    with _loading("model", path, "model.path"):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dt, attn_implementation=resolve_attention(attn_implementation, dev, dt)
+        ).to(dev)
     if adapter is not None:
         from peft import PeftModel
 

@@ -1,33 +1,41 @@
-"""The RepBend training loop: reference pass, LoRA pass, loss, backward, step. Nothing else hides here.
+"""The training loop: reference pass, trained pass, loss, backward, step. Nothing else hides here.
 
     from repbend import RepBendConfig, train
-    result = train(RepBendConfig.load("configs/llama3_8b.yaml", ["--train.max_steps", "10"]))
+    result = train(RepBendConfig.load("repbend/configs/llama3_8b_instruct.yaml", ["--train.max_steps", "10"]))
+
+The loss of every method comes from `repbend.loss.RepBendLoss`; the run directory's rules (fresh, overwrite,
+resume and what it compares) from `repbend.run_dir`; checkpoints from `repbend.checkpoint`.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .batching import collate
-from .config import RepBendConfig, parse_layers
+from . import run_dir
+from .build import build_data, check_data, load_model, make_sampler, prepare_model
+from .config import RepBendConfig
 from .distributed import DistState, init_distributed, wrap_model
+from .errors import TrainingError
+from .loss import RepBendLoss
+from .loss.layout import layout_kind
 from .metrics import StepLogger, peak_memory_bytes
-from .model import LoraSettings, attach_lora, decoder_layers, load_model_and_tokenizer
-from .objective import TERMS, repbend_loss
+from .model import unwrap
 
 log = logging.getLogger("repbend")
 
-
-class TrainingError(RuntimeError):
-    pass
+__all__ = ["train", "TrainResult", "TrainingError", "lr_factor"]
 
 
 @dataclass
@@ -55,98 +63,99 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 def seed_everything(seed: int) -> None:
     import random
-
-    import numpy as np
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def prepare_model(cfg: RepBendConfig, model=None, tokenizer=None, dist: DistState | None = None):
-    """Load the base model (unless given), attach fresh LoRA adapters and set the training switches."""
-    if model is None:
-        if cfg.model.path is None:
-            raise TrainingError("model.path is not set: give --model.path DIR (an HF model directory or hub name)")
-        device = dist.device if dist else cfg.model.device
-        model, tokenizer = load_model_and_tokenizer(
-            cfg.model.path, dtype=cfg.model.dtype, device=str(device),
-            attn_implementation=cfg.model.attn_implementation, liger=cfg.model.liger)
-    n_layers = len(decoder_layers(model))
-    U = cfg.loss.target_layers
-    if max(U) > n_layers:
-        raise TrainingError(f"loss.target_layers goes up to {max(U)} but the model has hidden-state indices "
-                            f"0..{n_layers} ({n_layers} decoder layers)")
-    if cfg.lora.layers_to_transform is None:  # the recipe: decoder layers 0 .. the last target index
-        layers = list(range(min(max(U), n_layers - 1) + 1))
-    else:
-        layers = parse_layers(cfg.lora.layers_to_transform)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    model = attach_lora(model, lora, layers)
-    return model, tokenizer, n_layers
+@contextlib.contextmanager
+def micro_batch_rng(seed: int, index: int, device: torch.device):
+    """The torch generators seeded by (seed, micro-batch index) for one micro-step, then restored: LoRA dropout
+    draws the same masks for micro-batch `index` whatever the process, world size or resume point."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(np.random.SeedSequence([seed, 0x5EED, index]).generate_state(1)[0]))
+        yield
 
 
-def build_data(cfg: RepBendConfig, tokenizer):
-    from .data.chat import Limits
-    from .data.pools import build_pools
-
-    d = cfg.data
-    if not (d.wildguardmix or d.wildjailbreak):
-        raise TrainingError("no safe/unsafe data: give --data.wildguardmix FILE and/or --data.wildjailbreak FILE")
-    if cfg.loss.epsilon and not d.ultrachat:
-        raise TrainingError("loss.epsilon > 0 needs retain data: give --data.ultrachat FILE (or set --loss.epsilon 0)")
-    limits = Limits(d.max_request_tokens, d.max_response_tokens, d.max_retain_tokens)
-    pools = build_pools(tokenizer, d.wildguardmix, d.wildjailbreak, d.ultrachat, request_only=cfg.loss.request_only,
-                        limits=limits, max_examples_per_pool=d.max_examples_per_pool, skip_invalid=d.skip_invalid,
-                        seed=cfg.train.seed)
-    return pools
+def data_fingerprint(pools) -> str:
+    """A short hash of every tokenized row of the pools (a resume compares it: same files, same contents)."""
+    h = hashlib.sha256()
+    for name in ("wgm_safe", "wgm_unsafe", "wj_pairs", "retain"):
+        h.update(name.encode())
+        for item in getattr(pools, name):
+            for s in (item if isinstance(item, tuple) else (item,)):
+                h.update(np.asarray(s.input_ids, dtype=np.int64).tobytes())
+                h.update(int(s.request_len).to_bytes(8, "little"))
+    return h.hexdigest()[:16]
 
 
 def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
           evaluate: Callable[[object, int], dict] | None = None) -> TrainResult:
-    """Train LoRA adapters with RepBend. `model`/`tokenizer`/`pools` may be given (the demo and tests do);
-    otherwise they come from `cfg`. `evaluate(model, step) -> dict` runs every `train.eval_every` steps; its
-    dict is logged, and a true `stop` key in it ends the run there (the adapter of that step is kept)."""
+    """Train with `cfg.loss.method`. `model`/`tokenizer`/`pools` may be given (the demo and tests do); otherwise
+    they come from `cfg`. `evaluate(model, step) -> dict` runs every `train.eval_every` steps; its dict is logged,
+    and a true `stop` key in it ends the run there (the weights of that step are kept)."""
     t = cfg.train
     dist = init_distributed(cfg.distributed, cfg.model.device)
-    seed_everything(t.seed)
     out = Path(t.output_dir)
+    loss_fn = RepBendLoss(cfg.loss)
+
+    # the run directory: a resume point (its settings compared before anything is loaded), or a fresh start
+    resume_from = run_dir.resume_point(out, t.resume) if dist.is_main else None
+    resume_from = dist.broadcast_object(resume_from)
+    saved = ckpt.load_config(resume_from) if resume_from is not None else None
     if dist.is_main:
+        if resume_from is None:
+            run_dir.start_fresh(out, t.overwrite)
+        else:
+            run_dir.check_resume(out, resume_from, saved["step"], saved["settings"],
+                                 run_dir.settings_of(cfg.to_dict(), dist.world_size, saved["settings"].get(
+                                     "run.data_fingerprint")), t.allow_config_change, t.max_steps)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(_yaml(cfg.to_dict()), encoding="utf-8")
-    model, tokenizer, n_layers = prepare_model(cfg, model, tokenizer, dist)
+    dist.barrier()
+
+    seed_everything(t.seed)
+    if model is None:
+        model, tokenizer = load_model(cfg, dist.device)
+    model, params = prepare_model(cfg, model, loss_fn)
     model.to(dist.device)
     if pools is None:
         pools = build_data(cfg, tokenizer)
     if dist.is_main:
         log.info("data:\n%s", pools.report.summary())
-    from .data.sampler import MicroBatchSampler
-    sampler = MicroBatchSampler(pools, t.batch_size, t.seed, request_only=cfg.loss.request_only,
-                                group_by_length=cfg.data.group_by_length)
+    check_data(cfg, pools)
+    sampler = make_sampler(cfg, pools)
+    fingerprint = data_fingerprint(pools)
+    if saved is not None and dist.is_main:  # the same files may hold other rows now
+        run_dir.check_resume(out, resume_from, saved["step"], {"run.data_fingerprint": saved["settings"].get(
+            "run.data_fingerprint")}, {"run.data_fingerprint": fingerprint}, t.allow_config_change, t.max_steps)
+    dist.barrier()
 
     if t.merge and dist.sharded:
-        raise TrainingError("train.merge is not supported with distributed.strategy fsdp; merge the saved adapter "
+        raise TrainingError("train.merge is not supported with distributed.strategy fsdp; merge the saved weights "
                             "afterwards, or use ddp")
-    runner = wrap_model(model, cfg.distributed, dist)  # before the optimizer: FSDP2 swaps the parameters
-    dist.seed_per_rank(t.seed)
+    runner = wrap_model(model, cfg.distributed, dist, params)  # before the optimizer: FSDP2 swaps the parameters
+    params = dist.params
     if evaluate is None and t.eval_every and t.eval_heldout:
         from .heldout import heldout_evaluator
         evaluate = heldout_evaluator(t.eval_heldout, tokenizer)
 
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.schedule, t.warmup_steps, t.max_steps))
-
     step, bad_in_row = 0, 0
-    resume_from = _resume_path(t)
-    dist.check_same(resume_from and resume_from.name, "the checkpoint to resume from (train.output_dir must be on "
-                    "a filesystem that every node shares)")
     if resume_from is not None:
         state = ckpt.load_state(resume_from)
         dist.load_trainable(model, state["trainable"], _load_trainable)
         dist.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        for group in optimizer.param_groups:  # the settings of this run (a resume may change them, when allowed)
+            group.update(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        factor = lr_factor(t.schedule, t.warmup_steps, t.max_steps)
+        scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+        scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["lr"] = t.lr * factor(scheduler.last_epoch)
         dist.restore_rng(state["rng"])
         step, bad_in_row = state["step"], state["bad_in_row"]
         if dist.is_main:
@@ -155,8 +164,11 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     device = dist.device
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    logger = StepLogger(out, enabled=dist.is_main, progress=t.progress, tensorboard=t.tensorboard,
-                        total=t.max_steps, initial=step)
+    varlen = layout_kind(getattr(unwrap(model).config, "_attn_implementation", None)) == "varlen"
+    pack_length = (sys.maxsize if varlen else t.pack_length) if t.packing else None  # flash-attn: one row
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logger = StepLogger(out, enabled=dist.is_main, progress=t.progress, sinks=t.sinks, total=t.max_steps,
+                        initial=step, config=cfg.to_dict(), project=t.wandb_project)
     history, stopped = [], None
     model.train()
     while step < t.max_steps:
@@ -166,17 +178,16 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
         tokens = positions = 0
         for k in range(t.grad_accum):  # micro index: a pure function of (step, k, rank), see the sampler
             index = (step * t.grad_accum + k) * dist.world_size + dist.rank
-            micro = sampler(index)
-            batch = collate(micro, cfg.loss, tokenizer.pad_token_id,
-                            t.pack_length if t.packing else None).to(device)
-            with autocast, dist.no_sync_unless(runner, k == t.grad_accum - 1):
-                terms = repbend_loss(model, batch, cfg.loss, n_layers, runner=runner)
+            batch = loss_fn.collate(sampler(index), pad_id, pack_length).to(device)
+            with autocast, dist.no_sync_unless(runner, k == t.grad_accum - 1), \
+                    micro_batch_rng(t.seed, index, device):
+                terms = loss_fn(model, batch, progress=(step + 1) / t.max_steps)
                 (terms.total / t.grad_accum).backward()
             for name, v in terms.detached().items():
                 acc[name] = acc[name] + v / t.grad_accum if name in acc else v / t.grad_accum
             tokens += batch.useful_tokens
             positions += batch.input_ids.numel()
-        sums = dict.fromkeys(("loss",) + TERMS)
+        sums = dict.fromkeys(("loss",) + loss_fn.terms)
         sums.update(zip(acc, torch.stack(list(acc.values())).float().tolist()))  # the step's one host sync
         sums = dist.mean_of(sums)
         grad_norm = dist.clip_grad_norm_(params, t.max_grad_norm)
@@ -198,13 +209,13 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
         if not finite and dist.is_main:
             log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped (%d in a row)",
                         step, sums["loss"], float(grad_norm), bad_in_row)
-        if bad_in_row >= t.max_bad_steps:
+        if not finite and bad_in_row >= max(1, t.max_bad_steps):
             logger.write(record)
             logger.close()
             last = ckpt.latest_checkpoint(out)
             raise TrainingError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
                                 f"stopping. The last good checkpoint is {last or 'none (no checkpoint was saved)'}; "
-                                "lower train.lr or loss.beta, or check the data")
+                                "lower train.lr or the loss weights, or check the data")
         if evaluate is not None and t.eval_every and step % t.eval_every == 0:
             model.eval()
             metrics = evaluate(model, step)
@@ -215,33 +226,24 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
         logger.write(record)
         history.append(record)
         if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stopped:
-            _save(out, step, model, optimizer, scheduler, bad_in_row, cfg, dist)
+            _save(out, step, model, loss_fn, optimizer, scheduler, bad_in_row, cfg, dist, fingerprint)
         if stopped:
             break
     logger.close()
     adapter_dir = out / "adapter"
     full = dist.adapter_state(model)
     if dist.is_main:
-        _save_adapter(model, adapter_dir, full)
+        tmp = out / f"adapter.tmp{id(model)}"
+        _save_weights(model, loss_fn, tmp, full)
+        ckpt.replace_dir(tmp, adapter_dir)
         if t.merge:
-            _save_merged(model, tokenizer, out / "merged")
+            _save_merged(model, loss_fn, tokenizer, out / "merged")
     dist.barrier()
     dist.shutdown()
     return TrainResult(str(out), str(adapter_dir), step, history, stopped)
 
 
 # ---------------------------------------------------------------- helpers
-def _resume_path(t) -> Path | None:
-    if t.resume in (None, False, "", "false", "none"):
-        return None
-    if t.resume in (True, "auto", "true", "latest"):
-        return ckpt.latest_checkpoint(t.output_dir)  # None: nothing to resume, start fresh
-    p = Path(str(t.resume))
-    if not (p / "state.pt").is_file():
-        raise TrainingError(f"train.resume: {p} is not a checkpoint directory (no state.pt in it)")
-    return p
-
-
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -250,35 +252,44 @@ def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
-        raise TrainingError(f"checkpoint does not match the model: unknown parameters {missing[:3]}...")
+        raise TrainingError(f"the checkpoint does not match the model: unknown parameters {missing[:3]}")
     with torch.no_grad():
         for n, v in state.items():
             params[n].copy_(v)
 
 
-def _save_adapter(model, path: Path, state: dict | None = None) -> None:
-    """PEFT's adapter files; `state` = the full LoRA tensors when the model's are sharded (FSDP)."""
+def _save_weights(model, loss_fn, path: Path, state: dict | None = None) -> None:
+    """The trained weights in their loadable form: PEFT's adapter files (`state` = the full LoRA tensors when the
+    model's are sharded), or what the method's objective writes (RMU: its full tensors)."""
+    save = getattr(loss_fn.objective, "save_weights", None)
+    if save is not None:
+        return save(model, path, state)
     from .distributed import unwrap_for_save
     unwrap_for_save(model).save_pretrained(str(path), state_dict=state)
 
 
-def _save(out, step, model, optimizer, scheduler, bad_in_row, cfg, dist: DistState) -> None:
+def _save(out, step, model, loss_fn, optimizer, scheduler, bad_in_row, cfg, dist: DistState, fingerprint) -> None:
     rng = dist.gather_objects(ckpt.rng_state())
     trainable = dist.full_trainable_state(model, _trainable_state)
     optim_state = dist.optimizer_state(model, optimizer)
     if dist.is_main:
         state = {"step": step, "bad_in_row": bad_in_row, "trainable": trainable, "optimizer": optim_state,
-                 "scheduler": scheduler.state_dict(), "rng": rng, "config": cfg.to_dict(), "world_size": dist.world_size}
-        adapter = trainable if dist.sharded else None  # FSDP: PEFT cannot read sharded tensors itself
-        ckpt.save_checkpoint(out, step, save_adapter=lambda d: _save_adapter(model, d, adapter), state=state,
-                             keep=cfg.train.keep_checkpoints)
+                 "scheduler": scheduler.state_dict(), "rng": rng, "world_size": dist.world_size}
+        info = {"step": step, "settings": run_dir.settings_of(cfg.to_dict(), dist.world_size, fingerprint),
+                "config": cfg.to_dict()}
+        weights = trainable if dist.sharded else None  # FSDP: PEFT cannot read sharded tensors itself
+        ckpt.save_checkpoint(out, step, save_adapter=lambda d: _save_weights(model, loss_fn, d, weights), state=state,
+                             config=info, keep=cfg.train.keep_checkpoints)
     dist.barrier()
 
 
-def _save_merged(model, tokenizer, path: Path) -> None:
-    merged = model.merge_and_unload()
-    merged.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
+def _save_merged(model, loss_fn, tokenizer, path: Path) -> None:
+    merge = getattr(loss_fn.objective, "merged_model", None)
+    merged = merge(model) if merge is not None else model.merge_and_unload()
+    tmp = path.with_name(path.name + ".tmp")
+    merged.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    ckpt.replace_dir(tmp, path)
 
 
 def _yaml(d: dict) -> str:

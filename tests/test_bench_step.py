@@ -18,9 +18,9 @@ sys.path.insert(0, str(BENCH))
 import bench_step as bs  # noqa: E402
 from reference_recipe import DYNAMIC, Padding, build_reference_batch, pad_set, reference_loss  # noqa: E402
 
-from repbend.batching import collate  # noqa: E402
+from repbend.loss import RepBendLoss  # noqa: E402
+from repbend.loss.batch import collate  # noqa: E402
 from repbend.config import LossConfig  # noqa: E402
-from repbend.objective import repbend_loss  # noqa: E402
 
 SCALE = 0.125
 FIXED_SMALL = Padding(64, 64, 128)   # the reference's 512/512/1024 at SCALE
@@ -65,7 +65,7 @@ def test_all_variants_compute_the_same_loss(setup, eta):
     got = {}
     with bs.dropout_off(model), torch.no_grad():
         for name, pack in (("repbend", round(bs.PACK_LENGTH * SCALE)), ("repbend+padded", None)):
-            t = repbend_loss(model, collate(micro, cfg, bs.PAD_ID, pack), cfg, n_layers)
+            t = RepBendLoss(cfg)(model, collate(micro, cfg, bs.PAD_ID, pack))
             got[name] = (t.total, t.parts)
         for name, padding in (("reference", FIXED_SMALL), ("reference+dynpad", DYNAMIC)):
             got[name] = reference_loss(model, build_reference_batch(micro, cfg, bs.PAD_ID, padding), cfg, n_layers)

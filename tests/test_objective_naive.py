@@ -1,18 +1,14 @@
 """The trainer's loss and LoRA gradients equal those of a deliberately naive implementation of the reference
-recipe (REFERENCE.md), written here from scratch: separate forwards per set and per pass, requests left-padded
+recipe (docs/method.md), written here from scratch: separate forwards per set and per pass, requests left-padded
 and responses right-padded to fixed lengths, all hidden states stacked, full-vocabulary fp32 logits."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from repbend.batching import collate
-from repbend.config import LossConfig
-from repbend.data.examples import Sequence
+from repbend.loss import LossConfig, MicroBatch, RepBendLoss, Sequence
+from repbend.loss.batch import collate
 from repbend.demo.assets import build_tiny_model, build_tokenizer
 from repbend.model import LoraSettings, attach_lora
-from repbend.objective import repbend_loss
 
 REQ_PAD, RESP_PAD, RETAIN_PAD = 24, 24, 48
 N_LAYERS = 4
@@ -43,7 +39,7 @@ def make_micro(B, vocab, seed=0, request_only=False, max_len=20):
         safe = wgm_safe + [p[0] for p in pairs]
         unsafe = wgm_unsafe + [p[1] for p in pairs]
     retain = [_seq(rng, 0, L(5, 40), vocab) for _ in range(B)]
-    return SimpleNamespace(safe=safe, unsafe=unsafe, retain=retain, n_pairs=n_pairs)
+    return MicroBatch(safe=safe, unsafe=unsafe, retain=retain, n_pairs=n_pairs)
 
 
 # ---------------------------------------------------------------- the naive recipe
@@ -180,7 +176,7 @@ def test_loss_and_grads_match_naive_recipe(mode, alpha_mode, impl):
     want_g = _grads(model, want)
 
     batch = collate(micro, cfg, tok.pad_token_id)
-    got = repbend_loss(model, batch, cfg, n_layers=N_LAYERS, impl=impl)
+    got = RepBendLoss(cfg, impl=impl)(model, batch)
     got_g = _grads(model, got.total)
 
     for k, v in want_terms.items():
@@ -204,9 +200,9 @@ def test_packing_does_not_change_the_loss(mode):
     n_seqs = len(micro.safe) + len(micro.unsafe) + len(micro.retain)
     assert plain.shape[0] == n_seqs and packed.shape[0] < n_seqs // 2  # really packed
     assert packed.useful_tokens == plain.useful_tokens
-    a = repbend_loss(model, plain, cfg, n_layers=N_LAYERS, impl="torch")
+    a = RepBendLoss(cfg, impl="torch")(model, plain)
     ga = _grads(model, a.total)
-    b = repbend_loss(model, packed, cfg, n_layers=N_LAYERS, impl="torch")
+    b = RepBendLoss(cfg, impl="torch")(model, packed)
     gb = _grads(model, b.total)
     for k, v in a.parts.items():
         if v is not None:
@@ -220,11 +216,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads():
     cfg = LossConfig(target_layers="1-3", eta=0.5)
     batch = collate(make_micro(B=2, vocab=len(tok), seed=2), cfg, tok.pad_token_id)
     model.train()
-    a = repbend_loss(model, batch, cfg, n_layers=N_LAYERS, impl="torch")
+    a = RepBendLoss(cfg, impl="torch")(model, batch)
     ga = _grads(model, a.total)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert model.base_model.model.model.gradient_checkpointing
-    b = repbend_loss(model, batch, cfg, n_layers=N_LAYERS, impl="torch")
+    b = RepBendLoss(cfg, impl="torch")(model, batch)
     gb = _grads(model, b.total)
     torch.testing.assert_close(b.total, a.total, rtol=1e-5, atol=1e-7)
     for x, y in zip(ga, gb):

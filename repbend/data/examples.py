@@ -6,28 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from repbend.data.errors import SkipLog
-
-
-@dataclass(frozen=True)
-class Sequence:
-    """One tokenized row.
-
-    input_ids: the token ids, unpadded; tokens [0, request_len) are the request including the generation
-        prompt, tokens [request_len, len) the response (none in the request-only loss modes).
-        Retain conversations have request_len = 0: every token is a retain token.
-    origin: "file:line" (or "file:row i") of the source row, for reports and errors.
-    """
-
-    input_ids: tuple[int, ...]
-    request_len: int
-    origin: str
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def response_len(self) -> int:
-        return len(self.input_ids) - self.request_len
+from repbend.loss.types import Sequence  # noqa: F401  (re-exported: the readers' output type)
 
 
 @dataclass

@@ -27,11 +27,11 @@ including a far jump on resume.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
-from repbend.data.examples import Pools, Sequence
+from repbend.data.examples import Pools
+from repbend.loss.types import MicroBatch
 
 CHUNK_BATCHES = 64
 
@@ -43,14 +43,6 @@ def seeded_rng(seed: int, *keys) -> np.random.Generator:
         raise ValueError(f"seed must be >= 0, got {seed}")
     entropy = [int(seed)] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
     return np.random.default_rng(entropy)
-
-
-@dataclass
-class MicroBatch:
-    safe: list[Sequence]  # WGM safe rows first, then the WJ refusal rows (pair order)
-    unsafe: list[Sequence]  # WGM unsafe rows first, then the WJ harmful rows (same pair order as in safe)
-    retain: list[Sequence]
-    n_pairs: int  # the last n_pairs rows of safe and of unsafe are the WJ pairs, aligned (0 in request-only modes)
 
 
 class MicroBatchSampler:

@@ -32,7 +32,7 @@ def demo_config(model_dir: str, paths: dict, out: Path, seed: int, max_steps: in
                  "ultrachat": paths["ultrachat"]},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
         "loss": {"target_layers": "2-4", "alpha": 0.5, "beta": 0.5, "gamma": 0.1, "epsilon": 0.3, "eta": 0.0},
-        "train": {"output_dir": str(out / "repbend"), "max_steps": max_steps, "batch_size": 4, "grad_accum": 1,
+        "train": {"output_dir": str(out / "repbend"), "overwrite": True, "max_steps": max_steps, "batch_size": 4, "grad_accum": 1,
                   "lr": 1e-4, "seed": seed, "save_every": 50, "eval_every": eval_every, "tensorboard": False},
     })
 

@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from .model import backbone
+from ..model import backbone, unwrap
+from .layout import attention_inputs
 
 
 def _output_tensor(out):
@@ -28,12 +29,14 @@ def _output_tensor(out):
 class HiddenCapture:
     """Capture hidden-state indices of one forward pass.
 
-    `wanted` maps an index to None (keep the full `[R, T, D]` output) or to a flat index tensor (keep only
-    `out.flatten(0, 1)[idx]`; several terms' index tensors may be given as a tuple, giving a tuple back).
+    `wanted` maps an index to None (keep the full output, as `[R, T, D]` in the rows' shape whatever the attention
+    layout) or to a flat index tensor (keep only `out.flatten(0, 1)[idx]`; several terms' index tensors may be
+    given as a tuple, giving a tuple back).
     """
 
-    def __init__(self, model, wanted: dict[int, object]):
+    def __init__(self, model, wanted: dict[int, object], rows_shape: tuple[int, int] | None = None):
         self.decoder = backbone(model)
+        self.rows_shape = rows_shape
         self.n_layers = len(self.decoder.layers)
         self.wanted = wanted
         self.kept: dict[int, object] = {}
@@ -56,7 +59,7 @@ class HiddenCapture:
             h = _output_tensor(out)
             sel = self.wanted[index]
             if sel is None:
-                self.kept[index] = h
+                self.kept[index] = h.view(*self.rows_shape, h.shape[-1]) if self.rows_shape else h
             else:
                 flat = h.reshape(-1, h.shape[-1])
                 self.kept[index] = (tuple(flat.index_select(0, s) for s in sel) if isinstance(sel, tuple)
@@ -76,12 +79,23 @@ class HiddenCapture:
         self._handles.clear()
 
 
-def run_backbone(model, batch, runner=None):
-    """One forward of the decoder stack (no LM head) over the batch's rows. `runner` is the module to call
-    (the backbone, or its DDP wrapper: see `repbend.distributed.wrap_model`); default `backbone(model)`."""
-    runner = runner if runner is not None else backbone(model)
-    # no attention mask: the position ids delimit the sequences of packed rows, and right padding is never seen
-    return runner(input_ids=batch.input_ids, attention_mask=None, position_ids=batch.position_ids, use_cache=False)
+def run_backbone(model, batch, upto: int | None = None) -> None:
+    """One forward of the decoder stack (no LM head) over the batch's rows, with the attention inputs of the model's
+    backend (`repbend.loss.layout.attention_inputs`). `upto` = the highest hidden-state index anyone reads: the
+    decoder layers past it are not run (not under FSDP2, whose sharded stack must run whole)."""
+    m = unwrap(model)
+    kwargs = attention_inputs(batch.rows, getattr(m.config, "_attn_implementation", None), m.dtype)
+    stack = backbone(model)
+    n_layers = len(stack.layers)
+    if upto is None or upto >= n_layers or type(stack).__name__.startswith("FSDP"):
+        stack(**kwargs, use_cache=False)
+        return
+    full = stack.layers
+    stack.layers = torch.nn.ModuleList(full[:upto])  # index `upto` is the output of decoder layer upto-1
+    try:
+        stack(**kwargs, use_cache=False)
+    finally:
+        stack.layers = full
 
 
 @contextlib.contextmanager
@@ -96,15 +110,16 @@ def adapters_disabled(model):
         model.train(was_training)
 
 
-def reference_pass(model, batch, wanted: dict[int, object], runner=None) -> dict[int, object]:
+def reference_pass(model, batch, wanted: dict[int, object]) -> dict[int, object]:
     """Adapters disabled, eval mode, no_grad: return the gathered rows named by `wanted` (index -> flat idx)."""
     with torch.no_grad(), adapters_disabled(model), HiddenCapture(model, wanted) as cap:
-        run_backbone(model, batch, runner)
+        run_backbone(model, batch, max(wanted))
     return cap.kept
 
 
-def trained_pass(model, batch, indices, runner=None) -> dict[int, torch.Tensor]:
-    """Adapters on, in the model's current (train) mode: the full outputs of the hidden-state `indices`."""
-    with HiddenCapture(model, {i: None for i in indices}) as cap:
-        run_backbone(model, batch, runner)
+def trained_pass(model, batch, indices) -> dict[int, torch.Tensor]:
+    """Adapters on, in the model's current (train) mode: the full outputs `[R, T, D]` of the hidden-state
+    `indices`."""
+    with HiddenCapture(model, {i: None for i in indices}, batch.shape) as cap:
+        run_backbone(model, batch, max(indices))
     return cap.kept

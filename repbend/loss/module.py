@@ -1,0 +1,77 @@
+"""`RepBendLoss`: the public loss module. It holds no model: each call takes the model and a collated batch.
+
+    from repbend.loss import RepBendLoss, LossConfig, Sequence, MicroBatch
+
+    loss_fn = RepBendLoss(LossConfig(mode="response_all", target_layers="20-30"))
+    params = loss_fn.prepare(model)                 # the tensors to optimise (LoRA; RMU: the listed full weights)
+    batch = loss_fn.collate(MicroBatch(safe=[...], unsafe=[...], retain=[...], n_pairs=0), pad_id=0)
+    terms = loss_fn(model, batch, progress=step / max_steps)
+    terms.total.backward()                          # terms.parts: each term, unweighted (None = not computed)
+
+`model` is a PEFT model for repbend and circuit_breakers (adapters on = the trained pass, off = the reference
+pass) and the plain HF model for rmu. docs/method.md states what each method computes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .batch import StepBatch, collate
+from .config import LossConfig
+from .terms import LossTerms
+from .types import MicroBatch
+
+
+def _objective(cfg: LossConfig, impl: str):
+    if cfg.method == "repbend":
+        from .objective import RepBendObjective
+        return RepBendObjective(cfg, impl)
+    if cfg.method == "circuit_breakers":
+        from .circuit_breakers import CircuitBreakersObjective
+        return CircuitBreakersObjective(cfg, impl)
+    from .rmu import RMUObjective
+    return RMUObjective(cfg, impl)
+
+
+class RepBendLoss(torch.nn.Module):
+    """The loss of `cfg.method` (repbend | circuit_breakers | rmu) as an nn.Module without parameters.
+
+    impl: "auto" (Triton kernels on CUDA, eager PyTorch elsewhere), "triton" or "torch".
+    """
+
+    def __init__(self, cfg: LossConfig | None = None, *, impl: str = "auto", **settings):
+        super().__init__()
+        if cfg is None:
+            cfg = LossConfig(**settings)
+        elif settings:
+            raise TypeError("RepBendLoss: give a LossConfig or keyword settings, not both")
+        self.cfg, self.impl = cfg, impl
+        self.objective = _objective(cfg, impl)
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The names of `LossTerms.parts` for this method."""
+        return self.objective.TERMS
+
+    @property
+    def control_vector(self):
+        """RMU's control vector c (bf16, [D]) once `prepare` has run; None for the other methods."""
+        return getattr(self.objective, "control_vector", None)
+
+    def prepare(self, model) -> list[torch.nn.Parameter]:
+        """Set the model up for this method and return exactly the tensors that train, in layer order (call it once,
+        before the optimizer is built and before any update)."""
+        return self.objective.prepare(model)
+
+    def collate(self, micro: MicroBatch, pad_id: int, pack_length: int | None = None) -> StepBatch:
+        """One model input with every term's token sets (`repbend.loss.batch`); `pack_length` packs several
+        sequences per row (attention stays inside each sequence on every backend)."""
+        return collate(micro, self.cfg, pad_id, pack_length)
+
+    def forward(self, model, batch: StepBatch, progress: float | None = None) -> LossTerms:
+        """Reference pass, trained pass and the terms of one micro-batch. `progress` = optimizer step / max_steps
+        (Circuit Breakers' coefficient schedule; the others ignore it)."""
+        device = next(model.parameters()).device
+        return self.objective(model, batch.to(device), progress)
+
+    def extra_repr(self) -> str:
+        return f"method={self.cfg.method!r}, impl={self.impl!r}"
