@@ -4,7 +4,19 @@ PY := $(VENV)/bin/python
 # CPU builds (the GPU user installs the CUDA build of torch first; see README).
 TORCH_PINS ?= torch==2.13.0 triton==3.7.1
 
-.PHONY: demo test bench install clean
+# `make test-compat`: the same suite in a second environment pinned to the GPU machine's image, so that an API
+# difference between those releases and the ones above shows up here on the CPU. torch 2.11.0 from PyPI is the
+# CUDA build (about 5 GB with its nvidia wheels); it runs on the CPU. numpy 2.5 has no wheels for Python 3.11,
+# and the image runs Python 3.12: the environment is built with a Python 3.12 (COMPAT_PYTHON, else pyenv's).
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_PYVER ?= 3.12
+COMPAT_PYTHON ?= python$(COMPAT_PYVER)
+COMPAT_PINS ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0 numpy==2.5.2
+# The pins as a pip constraints file, rewritten only when they change (so that a change rebuilds the venv).
+COMPAT_CONSTRAINTS := $(COMPAT_VENV).pins.txt
+
+.PHONY: demo test test-compat bench install clean FORCE
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -21,8 +33,31 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
+$(COMPAT_CONSTRAINTS): FORCE
+	@printf '%s\n' $(COMPAT_PINS) | cmp -s - $@ || printf '%s\n' $(COMPAT_PINS) > $@
+
+# Every install step runs under the constraints, so nothing the project asks for can move a pin.
+$(COMPAT_VENV)/.installed: setup.py $(COMPAT_CONSTRAINTS)
+	@py=; for p in "$(COMPAT_PYTHON)" "$$(pyenv root 2>/dev/null)"/versions/$(COMPAT_PYVER)*/bin/python$(COMPAT_PYVER) \
+	        "$$HOME"/.pyenv/versions/$(COMPAT_PYVER)*/bin/python$(COMPAT_PYVER) /usr/local/bin/python$(COMPAT_PYVER) \
+	        /usr/bin/python$(COMPAT_PYVER); do \
+	    if "$$p" -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "$(COMPAT_PYVER)")' 2>/dev/null; then \
+	        py=$$p; break; fi; done; \
+	if [ -z "$$py" ]; then \
+	    echo "test-compat: no working Python $(COMPAT_PYVER) found (the GPU image's); set COMPAT_PYTHON" >&2; exit 1; fi; \
+	echo "test-compat: creating $(COMPAT_VENV) with $$py"; \
+	rm -rf $(COMPAT_VENV) && "$$py" -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip setuptools wheel
+	$(COMPAT_PY) -m pip install -q -c $(COMPAT_CONSTRAINTS) $(COMPAT_PINS)
+	$(COMPAT_PY) -m pip install -q -c $(COMPAT_CONSTRAINTS) -e '.[test]'
+	touch $@
+
+# REPBEND_EXPECT_PINS makes tests/test_environment.py check that the environment holds exactly these releases.
+test-compat: $(COMPAT_VENV)/.installed
+	REPBEND_EXPECT_PINS="python==$(COMPAT_PYVER).* $(COMPAT_PINS)" $(COMPAT_PY) -m pytest -q tests
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_kernels.py --device cpu --output bench_out
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) $(COMPAT_CONSTRAINTS) build *.egg-info
