@@ -4,6 +4,7 @@ from collections import Counter
 import pytest
 
 from repbend.data import DataError, Limits, render_conversation, render_request_response
+from repbend.data.chat import render_requests_responses
 from repbend.demo.assets import TEMPLATES, build_tokenizer
 
 # what each template's request (user turn + generation prompt) ends with
@@ -42,18 +43,51 @@ def _texts(tok, prompt, response):
     return request, full
 
 
+# the template's end-of-turn markup after an assistant turn
+END_OF_TURN = {"llama3": "<|eot_id|>", "mistral": "</s>", "chatml": "<|im_end|>"}
+
+
 def test_split_is_exact(tok, template):
     request, full = _texts(tok, PROMPT, RESPONSE)
     seq = render_request_response(tok, PROMPT, RESPONSE, Limits(), "t:1")
     assert seq.origin == "t:1"
     assert _decode(tok, seq.input_ids[:seq.request_len]) == request
-    assert _decode(tok, seq.input_ids[seq.request_len:]) == full[len(request):]
-    assert RESPONSE in _decode(tok, seq.input_ids[seq.request_len:])
     # the last request token closes the generation prompt; the response starts right after it
     assert request.endswith(_decode(tok, seq.input_ids[seq.request_len - 1:seq.request_len]))
     assert _decode(tok, seq.input_ids[:seq.request_len]).endswith(GEN_PROMPT_END[template])
     # the request ids are those of the request text alone (separate tokenization)
     assert list(seq.input_ids[:seq.request_len]) == tok(request, add_special_tokens=False)["input_ids"]
+
+
+def test_response_is_the_bare_response_text(tok, template):
+    """The response part is tokenizer(response, add_special_tokens=False) and nothing else: no end-of-turn or
+    eos markup (the published data layer), so a response_all row has exactly the response's own tokens."""
+    request, _ = _texts(tok, PROMPT, RESPONSE)
+    eot = tok.convert_tokens_to_ids(END_OF_TURN[template])
+    seq = render_request_response(tok, PROMPT, RESPONSE, Limits(), "t:1")
+    bare = tok(RESPONSE, add_special_tokens=False)["input_ids"]
+    assert list(seq.input_ids) == tok(request, add_special_tokens=False)["input_ids"] + bare
+    assert list(seq.input_ids[seq.request_len:]) == bare and seq.response_len == len(bare)
+    assert _decode(tok, seq.input_ids[seq.request_len:]) == RESPONSE
+    assert eot not in seq.input_ids[seq.request_len:] and tok.eos_token_id not in seq.input_ids[seq.request_len:]
+    # batched: each row is its own bare response, and request-only rows in between take no response ids
+    other = "Knead it for ten minutes."
+    seqs = render_requests_responses(tok, [PROMPT, PROMPT, "Hi"], [RESPONSE, None, other], Limits(), ["a", "b", "c"])
+    assert [s.input_ids[s.request_len:] for s in seqs] == [
+        tuple(bare), (), tuple(tok(other, add_special_tokens=False)["input_ids"])]
+
+
+def test_response_markup_keeps_the_template_tail(tok, template):
+    request, full = _texts(tok, PROMPT, RESPONSE)
+    eot = tok.convert_tokens_to_ids(END_OF_TURN[template])
+    seq = render_request_response(tok, PROMPT, RESPONSE, Limits(), "t:1", response_markup=True)
+    plain = render_request_response(tok, PROMPT, RESPONSE, Limits(), "t:1")
+    assert seq.input_ids[:seq.request_len] == plain.input_ids[:plain.request_len]
+    assert _decode(tok, seq.input_ids[seq.request_len:]) == full[len(request):]
+    tail = full[len(request):]
+    assert tail.rstrip("\n").endswith(END_OF_TURN[template])  # chatml writes a newline after <|im_end|>
+    resp = list(seq.input_ids[seq.request_len:])
+    assert eot in resp and resp[-1] in (eot, *tok("\n", add_special_tokens=False)["input_ids"])
 
 
 def test_request_only(tok):
@@ -109,8 +143,9 @@ def test_template_without_request_prefix_is_an_error():
     tok.chat_template = tok.chat_template.replace("message['role']", "('bot' if message['role'] == 'assistant' "
                                                                       "else message['role'])")
     with pytest.raises(DataError, match=r"t:9: .*does not render the request .* as a prefix"):
-        render_request_response(tok, PROMPT, RESPONSE, Limits(), "t:9")
+        render_request_response(tok, PROMPT, RESPONSE, Limits(), "t:9", response_markup=True)
     render_request_response(tok, PROMPT, None, Limits(), "t:9")  # the request alone still renders
+    render_request_response(tok, PROMPT, RESPONSE, Limits(), "t:9")  # the bare response needs no split
 
 
 def test_template_error_names_the_row():

@@ -79,7 +79,7 @@ def test_malformed_harmbench_names_file_row_field(tmp_path, name, text, row, fie
 def test_malformed_xstest_and_transfer(tmp_path):
     xs = tmp_path / "xs.csv"
     xs.write_text("id,type,prompt\n1,homonyms,fine\n2,homonyms,\n")
-    with pytest.raises(BenchmarkFormatError, match=r"xs\.csv: row 2: field 'prompt'"):
+    with pytest.raises(BenchmarkFormatError, match=r"xs\.csv:3: row 2: field 'prompt'"):
         read_xstest(xs)
     tr = tmp_path / "t.jsonl"
     tr.write_text('{"behavior_id": "a", "prompt": "p"}\n{"behavior_id": "b"}\n')

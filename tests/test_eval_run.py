@@ -153,4 +153,4 @@ def test_malformed_benchmark_cli_error(env, tmp_path, capsys):
                    "Do a thing,standard,illegal,,,a\n,standard,illegal,,,b\n")
     rc = main(["eval", "--model.path", str(env / "model"), "--harmbench", str(bad), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and f"{bad}: row 2: field 'Behavior'" in err
+    assert rc == 2 and f"{bad}:3: row 2: field 'Behavior'" in err

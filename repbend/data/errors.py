@@ -5,6 +5,11 @@ Where a row comes from (its *origin*) is a string:
     "data/wgm.jsonl:17"                          JSONL: 1-based line number
     "data/wgm.json:row 3", "data/x.parquet:row 3"  JSON list / Parquet: 0-based row index
     "allenai/wildguardmix[train]:row 3"          a Hugging Face Hub dataset: 0-based row index
+    "data/wgm.jsonl"                             the whole file (missing, unreadable, corrupt)
+
+Every message is one line, so that a command can print it as `repbend: error: <message>`.
+`DataFileNotFound` is both a DataError and a FileNotFoundError, `HubUnavailable` both a DataError and an
+ImportError (callers that catch either see them).
 """
 from __future__ import annotations
 
@@ -28,6 +33,22 @@ class DataError(ValueError):
         self.reason = reason or (f"{problem} in '{field}'" if field else problem)
         where = f"{origin}: field '{field}'" if field else origin
         super().__init__(f"{where}: {problem}")
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    """An input file (or directory) that does not exist: `"<path>: <what> not found[ (<hint>)]"`."""
+
+    def __init__(self, path, what: str = "data file", hint: str = ""):
+        super().__init__(str(path), f"{what} not found" + (f" ({hint})" if hint else ""), reason="file not found")
+        self.filename = str(path)
+
+    def __str__(self) -> str:  # OSError would format "[Errno None] ..." once `filename` is set
+        return self.args[0]
+
+
+class HubUnavailable(DataError, ImportError):
+    """A Hub dataset spec given while the `datasets` package is not installed (often a local path that lacks its
+    extension)."""
 
 
 @dataclass

@@ -1,10 +1,14 @@
 """Read raw records from a local file or a Hugging Face Hub dataset, as `(origin, row_dict)` pairs.
 
 Local files, by extension:
-    .jsonl   one JSON object a line (blank lines are ignored; line numbers stay those of the file)
-    .json    a list of objects, or an object {"data": [...]}
-    .parquet read with pyarrow, one record batch at a time
-Anything else that exists on disk is an error. A string that is not an existing path and does not end in
+    .jsonl   one JSON object a line, UTF-8 (blank lines are ignored; line numbers stay those of the file). Each
+             line is decoded on its own, so a line with a byte that is not UTF-8 is one bad record (named by
+             line and, where the line still parses, field), skippable like a malformed line.
+    .json    a list of objects, or an object {"data": [...]}, UTF-8; a bad byte or malformed JSON makes the whole
+             file unusable (DataError naming the line).
+    .parquet read with pyarrow, one record batch at a time; a truncated or corrupt file is a DataError naming it.
+A leading UTF-8 byte-order mark is ignored. Anything else that exists on disk is an error, and a missing file is
+`DataFileNotFound` (a DataError and a FileNotFoundError). A string that is not an existing path and does not end in
 one of these extensions is a Hub spec `NAME[:CONFIG][@SPLIT]`, e.g. `allenai/wildguardmix:wildguardtrain@train`,
 read with `datasets.load_dataset` (imported only then; the readers supply default config and split).
 """
@@ -12,12 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from repbend.data.errors import DataError
+from repbend.data.errors import DataError, DataFileNotFound, HubUnavailable
 
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet")
+BOM = b"\xef\xbb\xbf"
+# the code points that errors="surrogateescape" maps undecodable bytes to
+_ESCAPED = re.compile("[\udc80-\udcff]")
 
 Record = tuple[str, dict]
 
@@ -53,8 +61,7 @@ def read_records(source: str | os.PathLike, *, on_error: Callable[[DataError], N
         yield from _read_hub(parse_hub_spec(os.fspath(source), hub_config, hub_split))
         return
     path = os.path.expanduser(os.fspath(source))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+    check_file(path)
     if path.endswith(".jsonl"):
         yield from _read_jsonl(path, on_error)
     elif path.endswith(".json"):
@@ -72,12 +79,86 @@ def _emit(err: DataError, on_error) -> None:
     on_error(err)
 
 
+def check_file(path: str, what: str = "data file") -> None:
+    """DataFileNotFound when `path` does not exist, DataError when it is not a regular file."""
+    if not os.path.exists(path):
+        raise DataFileNotFound(path, what)
+    if not os.path.isfile(path):
+        raise DataError(path, f"not a file (expected a {what})", reason="not a file")
+
+
+def _open_binary(path: str):
+    try:
+        return open(path, "rb")
+    except OSError as e:  # permissions, a file removed since the check, ...
+        raise DataError(path, f"cannot be read ({e.strerror or e})", reason="unreadable file") from None
+
+
+def read_text(path, what: str = "data file", *, json_fields: bool = False) -> str:
+    """The whole file as UTF-8 text (a leading byte-order mark dropped); DataFileNotFound / DataError naming the
+    file, and for a byte that is not UTF-8 its line and column (and with `json_fields` its JSON field)."""
+    path = os.path.expanduser(os.fspath(path))
+    check_file(path, what)
+    with _open_binary(path) as f:
+        data = f.read()
+    return decode_utf8(data.removeprefix(BOM), path, json_fields=json_fields)
+
+
+def decode_utf8(data: bytes, where: str, *, first_line: int = 1, json_fields: bool = False) -> str:
+    """`data` decoded as UTF-8, or a DataError at `where:LINE` naming the first undecodable byte and its byte
+    column; with `json_fields`, also the JSON field that holds it when the text still parses as JSON."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        field = _field_with_bad_bytes(data) if json_fields else None
+        raise DataError(f"{where}:{line}", f"not valid UTF-8 (byte 0x{data[e.start]:02x} at byte column {column})",
+                        field=field, reason="not valid UTF-8") from None
+
+
+def _field_with_bad_bytes(data: bytes) -> str | None:
+    """The path (e.g. "prompt", "data[3].messages[0].content") of the first JSON string holding an undecodable
+    byte, or None when the text is not JSON."""
+    try:
+        doc = json.loads(data.decode("utf-8", errors="surrogateescape"))
+    except json.JSONDecodeError:
+        return None
+
+    def find(value, path: str) -> str | None:
+        if isinstance(value, str):
+            return path if _ESCAPED.search(value) else None
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in items:
+            sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+            if isinstance(key, str) and _ESCAPED.search(key):
+                return sub
+            found = find(child, sub)
+            if found:
+                return found
+        return None
+
+    return find(doc, "")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _read_jsonl(path: str, on_error) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(BOM)
+            if not raw.strip():
                 continue
             origin = f"{path}:{lineno}"
+            try:
+                line = decode_utf8(raw, path, first_line=lineno, json_fields=True)
+            except DataError as err:
+                _emit(err, on_error)
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -92,12 +173,12 @@ def _read_jsonl(path: str, on_error) -> Iterator[Record]:
 
 
 def _read_json(path: str, on_error) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            doc = json.load(f)
-        except json.JSONDecodeError as e:  # the whole file is unusable: never skippable
-            raise DataError(f"{path}:{e.lineno}", f"malformed JSON ({e.msg} at column {e.colno})",
-                            reason="malformed JSON") from None
+    text = read_text(path, json_fields=True)  # a bad byte makes the whole file unusable: never skippable
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}", f"malformed JSON ({e.msg} at column {e.colno})",
+                        reason="malformed JSON") from None
     rows = doc.get("data") if isinstance(doc, dict) else doc
     if not isinstance(rows, list):
         raise DataError(path, 'expected a JSON list of objects or {"data": [...]}', reason="bad JSON layout")
@@ -111,11 +192,28 @@ def _read_json(path: str, on_error) -> Iterator[Record]:
 
 
 def _read_parquet(path: str) -> Iterator[Record]:
+    """Rows of a Parquet file; pyarrow's errors (a truncated file, a corrupt page, a non-Parquet file) become a
+    DataError naming the file and, once reading has started, the first row that could not be read."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    broken = (pa.ArrowException, OSError, UnicodeDecodeError)
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+    except broken as e:
+        raise DataError(path, f"not a readable Parquet file ({_first_line(e)})",
+                        reason="corrupt Parquet file") from None
     i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = None if batch is None else batch.to_pylist()
+        except broken as e:
+            raise DataError(f"{path}:row {i}", f"corrupt Parquet data from this row on ({_first_line(e)})",
+                            reason="corrupt Parquet file") from None
+        if rows is None:
+            return
+        for row in rows:
             yield f"{path}:row {i}", row
             i += 1
 
@@ -124,11 +222,16 @@ def _read_hub(spec: HubSpec) -> Iterator[Record]:
     try:
         import datasets
     except ImportError:
-        raise ImportError(
-            f"reading {spec.name!r} from the Hugging Face Hub needs the `datasets` package "
-            "(pip install datasets); or pass a local .jsonl/.json/.parquet file instead") from None
-    ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+        raise HubUnavailable(
+            spec.name, "not a local file, and reading it from the Hugging Face Hub needs the `datasets` package "
+            "(pip install datasets); or pass a local .jsonl/.json/.parquet file instead", reason="no datasets package"
+        ) from None
     label = f"{spec.name}{':' + spec.config if spec.config else ''}[{spec.split}]"
+    try:
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+    except Exception as e:  # network, cache, unknown name/config/split: all input problems, kept in one line
+        raise DataError(label, f"cannot be loaded from the Hugging Face Hub ({type(e).__name__}: {_first_line(e)})",
+                        reason="hub load error") from e
     for i, row in enumerate(ds):
         yield f"{label}:row {i}", dict(row)
 

@@ -9,5 +9,6 @@ run.py         the eval pipeline: generations.jsonl (resumable) -> verdicts -> s
 summary.py     ASR / refusal-rate tables (unparseable verdicts counted apart) and run comparison
 lens.py        logit lens heatmap, base vs tuned
 rep_shift.py   per-layer representation shift, base vs tuned
-cli.py         argparse entry points used by `repbend.cli`
+inputs.py      checks of model/adapter/judge locations and option values, before anything loads
+cli.py         argparse entry points used by `repbend.cli`; UsageError (a bad option value)
 """

@@ -1,19 +1,26 @@
 """Readers for the public evaluation files: HarmBench behaviours (JSON or CSV), XSTest prompts (CSV), transfer
 attack prompts (JSON or JSONL) and plain prompt lists (for `rep-shift`). Every reader returns plain data and raises
-`BenchmarkFormatError` naming the file, the row and the field when a file is malformed.
+`BenchmarkFormatError` naming the file, the row and the field when a file is malformed; a missing file is
+`DataFileNotFound`, a byte that is not UTF-8 a DataError naming its line. All files are UTF-8.
 
 HarmBench JSON (the format of the paper's evaluation):
     {"data": [{"behavior": str, "context": str?, "default_target": str?, "messages": [{role, content}]?,
                "id" | "behavior_id" | "BehaviorID" | "meta": {"BehaviorID": ...}?: str, "category"?: str}, ...]}
-  `messages`, when present, is the conversation sent as is (its last turn must be the user's); otherwise the user
-  message is built from `behavior` and `context` as HarmBench does (`context + "\\n\\n---\\n\\n" + behavior`).
+  The user message carries the context as HarmBench lays it out: `context + "\\n\\n---\\n\\n" + request`. Without
+  `messages` it is built from `behavior` and `context`. With `messages` (the file published with the RepBend code,
+  whose user turn holds the behaviour alone) the conversation is sent as given (its last turn must be the user's),
+  except that when `context` is present the last user message becomes `context + "\\n\\n---\\n\\n" + message`, as
+  the reference evaluation does (left alone when it already starts with that context and separator).
   Rows without an id are numbered by their position ("0", "1", ...).
 HarmBench CSV (`harmbench_behaviors_text_*.csv`): Behavior, FunctionalCategory, SemanticCategory, Tags,
-  ContextString, BehaviorID. The CSV has no targets; pass HarmBench's targets file (a JSON object BehaviorID ->
-  target string) as `targets` to enable the attacks that need one. Copyright behaviours are skipped: HarmBench judges
-  them with a hash check, not with the classifier, and the paper's 240 test items are standard + contextual ones.
+  ContextString, BehaviorID (a quoted ContextString may span lines). The CSV has no targets; pass HarmBench's
+  targets file (a JSON object BehaviorID -> target string) as `targets` to enable the attacks that need one.
+  Copyright behaviours are skipped: HarmBench judges them with a hash check, not with the classifier, and the
+  paper's 240 test items are standard + contextual ones.
 XSTest CSV: id, type, prompt, ... Types starting with "contrast_" are the unsafe contrast prompts (subset
-  "contrast"); all other types are safe prompts (subset "safe").
+  "contrast"); all other types are safe prompts (subset "safe"). XSTest prompts are single-line: a record holding a
+  line break (e.g. an unterminated quote that swallowed the following rows) is an error.
+CSV records must have exactly as many cells as the header has columns.
 Transfer file: ready-made attack prompts keyed by HarmBench BehaviorID, each prompt the complete user message:
   JSON  : {"<BehaviorID>": ["prompt", ...] or [{"prompt": str, "method": str?}, ...], ...}
   JSONL : one {"behavior_id": str, "prompt": str, "method": str?} per line ("id" is accepted for "behavior_id").
@@ -22,11 +29,13 @@ Transfer file: ready-made attack prompts keyed by HarmBench BehaviorID, each pro
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from repbend.data.errors import DataError
+from repbend.data.sources import read_text
 
 # HarmBench's own separator between a contextual behaviour's context and its request
 CONTEXT_SEPARATOR = "\n\n---\n\n"
@@ -34,13 +43,14 @@ CONTEXT_SEPARATOR = "\n\n---\n\n"
 
 class BenchmarkFormatError(DataError):
     """A benchmark file that does not follow its format. str(err) reads
-    `"<file>: row <row>: field '<field>': <problem>"` (row and field where they apply); CSV rows are 1-based data
-    rows (file line = row + 1), JSON rows 0-based indices into "data", JSONL rows 1-based lines."""
+    `"<file>[:<line>]: row <row>: field '<field>': <problem>"` (line, row and field where they apply); CSV rows are
+    1-based data rows and `line` the file line their record starts on, JSON rows 0-based indices into "data",
+    JSONL rows 1-based lines."""
 
-    def __init__(self, path, row, field_name, problem):
-        origin = f"{path}" + (f": row {row}" if row is not None else "")
+    def __init__(self, path, row, field_name, problem, *, line: int | None = None):
+        origin = f"{path}" + (f":{line}" if line is not None else "") + (f": row {row}" if row is not None else "")
         super().__init__(origin, problem, field=field_name)
-        self.path, self.row = str(path), row
+        self.path, self.row, self.line = str(path), row, line
 
 
 @dataclass
@@ -67,18 +77,19 @@ def harmbench_user_message(behavior: str, context: str | None) -> str:
     return f"{context}{CONTEXT_SEPARATOR}{behavior}" if context else behavior
 
 
-def _str_field(path, row, rec, names, required=False):
+def _str_field(path, row, rec, names, required=False, line=None):
     """The first of `names` present in `rec` as a string; None when absent/empty and not required."""
     for name in names:
         if name in rec and rec[name] is not None:
             value = rec[name]
-            if not isinstance(value, (str, int)):
-                raise BenchmarkFormatError(path, row, name, f"expected a string, got {type(value).__name__}")
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise BenchmarkFormatError(path, row, name, f"expected a string, got {type(value).__name__}",
+                                           line=line)
             value = str(value)
             if value.strip():
                 return value
     if required:
-        raise BenchmarkFormatError(path, row, names[0], "missing or empty")
+        raise BenchmarkFormatError(path, row, names[0], "missing or empty", line=line)
     return None
 
 
@@ -93,11 +104,13 @@ def _check_messages(path, row, messages) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _unique(path, items: list[Item], rows: list):
+def _unique(path, items: list[Item], rows: list[tuple]):
+    """`rows`: (row, file line or None) of each item."""
     seen = {}
-    for item, row in zip(items, rows):
+    for item, (row, line) in zip(items, rows):
         if item.id in seen:
-            raise BenchmarkFormatError(path, row, "id", f"duplicate id {item.id!r} (first at row {seen[item.id]})")
+            raise BenchmarkFormatError(path, row, "id", f"duplicate id {item.id!r} (first at row {seen[item.id]})",
+                                       line=line)
         seen[item.id] = row
     return items
 
@@ -107,12 +120,14 @@ def read_harmbench(path, targets=None) -> list[Item]:
     BehaviorID -> target string (overrides/adds `default_target`)."""
     path = Path(path)
     if isinstance(targets, (str, Path)):
+        targets_path = targets
         try:
-            targets = json.loads(Path(targets).read_text(encoding="utf-8"))
+            targets = json.loads(read_text(targets_path, "HarmBench targets file", json_fields=True))
         except json.JSONDecodeError as e:
-            raise BenchmarkFormatError(targets, None, None, f"not valid JSON ({e})") from e
+            raise BenchmarkFormatError(targets_path, None, None, f"not valid JSON ({e.msg} at column {e.colno})",
+                                       line=e.lineno) from None
         if not isinstance(targets, dict):
-            raise BenchmarkFormatError(targets, None, None, "expected a JSON object BehaviorID -> target")
+            raise BenchmarkFormatError(targets_path, None, None, "expected a JSON object BehaviorID -> target")
     targets = targets or {}
     if path.suffix.lower() == ".csv":
         items, rows = _read_harmbench_csv(path)
@@ -126,9 +141,10 @@ def read_harmbench(path, targets=None) -> list[Item]:
 
 def _read_harmbench_json(path: Path):
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_text(path, "HarmBench file", json_fields=True))
     except json.JSONDecodeError as e:
-        raise BenchmarkFormatError(path, None, None, f"not valid JSON ({e})") from e
+        raise BenchmarkFormatError(path, None, None, f"not valid JSON ({e.msg} at column {e.colno})",
+                                   line=e.lineno) from None
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
         raise BenchmarkFormatError(path, None, "data", "expected a top-level object with a list \"data\"")
@@ -144,41 +160,73 @@ def _read_harmbench_json(path: Path):
         target = _str_field(path, i, rec, ["default_target", "target"])
         if "messages" in rec and rec["messages"] is not None:
             messages = _check_messages(path, i, rec["messages"])
+            last = messages[-1]["content"]
+            if context and not last.startswith(context + CONTEXT_SEPARATOR):
+                messages[-1]["content"] = harmbench_user_message(last, context)
         else:
             messages = [{"role": "user", "content": harmbench_user_message(behavior, context)}]
         subset = (_str_field(path, i, rec, ["category", "FunctionalCategory"])
                   or _str_field(path, i, meta, ["FunctionalCategory"]) or ("contextual" if context else "standard"))
         items.append(Item("harmbench", bid, messages[-1]["content"], messages, behavior, context, target, subset))
-    return items, list(range(len(items)))
+    return items, [(i, None) for i in range(len(items))]
 
 
-def _read_csv(path: Path, required: list[str]):
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
+def _read_csv(path: Path, what: str, required: list[str], *, single_line: bool = False):
+    """[(row, line, {column: cell})] for the data records of a CSV file: `row` counts data records from 1, `line` is
+    the file line the record starts on. Blank lines are skipped. A record must have exactly one cell per header
+    column; with `single_line` no cell may hold a line break."""
+    reader = csv.reader(io.StringIO(read_text(path, what), newline=""))
+    records, end = [], 0
+    try:
+        header = next(reader, None)
+        end = reader.line_num
+        if not header:
+            raise BenchmarkFormatError(path, None, None, "empty file (expected a header line)")
         for name in required:
             if name not in header:
-                raise BenchmarkFormatError(path, "header", name, f"missing column (columns: {', '.join(header)})")
-        # row numbers are 1-based data rows; the file line is row + 1 (the header)
-        return [(n, rec) for n, rec in enumerate(reader, start=1)]
+                raise BenchmarkFormatError(path, "header", name, f"missing column (columns: {', '.join(header)})",
+                                           line=1)
+        for cells in reader:
+            start, end = end + 1, reader.line_num
+            if not cells or (len(cells) == 1 and not cells[0].strip()):
+                continue
+            row = len(records) + 1
+            _check_cells(path, row, start, end, header, cells, single_line)
+            records.append((row, start, dict(zip(header, cells))))
+    except csv.Error as e:
+        raise BenchmarkFormatError(path, None, None, f"not valid CSV ({e})", line=end + 1) from None
+    return records
+
+
+def _check_cells(path, row, start, end, header, cells, single_line):
+    if single_line:
+        for name, cell in zip(header + ["(extra cell)"] * len(cells), cells):
+            if "\n" in cell or "\r" in cell:
+                span = f"lines {start}-{end}" if end > start else f"line {start}"
+                raise BenchmarkFormatError(path, row, name, f"the record spans {span} but XSTest records are "
+                                           "single-line (an unterminated quote?)", line=start)
+    if len(cells) < len(header):
+        raise BenchmarkFormatError(path, row, header[len(cells)], f"missing: the record has {len(cells)} cells, "
+                                   f"the header {len(header)} columns ({', '.join(header)})", line=start)
+    if len(cells) > len(header):
+        raise BenchmarkFormatError(path, row, None, f"the record has {len(cells)} cells, the header "
+                                   f"{len(header)} columns ({', '.join(header)}): an unquoted comma?", line=start)
 
 
 def _read_harmbench_csv(path: Path):
     items, rows = [], []
-    for n, rec in _read_csv(path, ["Behavior", "BehaviorID"]):
-        if None in rec:
-            raise BenchmarkFormatError(path, n, None, "more cells than header columns")
+    for n, line, rec in _read_csv(path, "HarmBench file", ["Behavior", "BehaviorID"]):
         category = (rec.get("FunctionalCategory") or "standard").strip()
         if category == "copyright":
             continue
-        behavior = _str_field(path, n, rec, ["Behavior"], required=True)
-        bid = _str_field(path, n, rec, ["BehaviorID"], required=True)
-        context = _str_field(path, n, rec, ["ContextString"])
+        behavior = _str_field(path, n, rec, ["Behavior"], required=True, line=line)
+        bid = _str_field(path, n, rec, ["BehaviorID"], required=True, line=line)
+        context = _str_field(path, n, rec, ["ContextString"], line=line)
         message = harmbench_user_message(behavior, context)
         meta = {k: rec.get(k) for k in ("SemanticCategory", "Tags") if rec.get(k)}
         items.append(Item("harmbench", bid, message, [{"role": "user", "content": message}], behavior, context,
                           None, category, meta))
-        rows.append(n)
+        rows.append((n, line))
     return items, rows
 
 
@@ -186,23 +234,21 @@ def read_xstest(path) -> list[Item]:
     """XSTest prompts (CSV with id, type, prompt); subset "contrast" for `contrast_*` types, else "safe"."""
     path = Path(path)
     items, rows = [], []
-    for n, rec in _read_csv(path, ["id", "type", "prompt"]):
-        if None in rec:
-            raise BenchmarkFormatError(path, n, None, "more cells than header columns")
-        pid = _str_field(path, n, rec, ["id"], required=True)
-        kind = _str_field(path, n, rec, ["type"], required=True).strip()
-        prompt = _str_field(path, n, rec, ["prompt"], required=True)
+    for n, line, rec in _read_csv(path, "XSTest file", ["id", "type", "prompt"], single_line=True):
+        pid = _str_field(path, n, rec, ["id"], required=True, line=line)
+        kind = _str_field(path, n, rec, ["type"], required=True, line=line).strip()
+        prompt = _str_field(path, n, rec, ["prompt"], required=True, line=line)
         subset = "contrast" if kind.startswith("contrast_") else "safe"
         items.append(Item("xstest", pid, prompt, [{"role": "user", "content": prompt}], prompt, None, None, subset,
                           {"type": kind}))
-        rows.append(n)
+        rows.append((n, line))
     return _unique(path, items, rows)
 
 
 def read_transfer(path) -> dict[str, list[dict]]:
     """Transfer attack prompts: BehaviorID -> [{"prompt": str, "method": str | None}, ...] in file order."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "transfer file", json_fields=True)
     out: dict[str, list[dict]] = {}
 
     def add(row, bid, entry):
@@ -215,13 +261,14 @@ def read_transfer(path) -> dict[str, list[dict]]:
         out.setdefault(str(bid), []).append({"prompt": prompt, "method": method})
 
     if path.suffix.lower() == ".jsonl":
-        for n, rec in _jsonl_objects(path, text.splitlines(), "an object"):
+        for n, rec in _jsonl_objects(path, _lines(text), "an object"):
             add(n, _str_field(path, n, rec, ["behavior_id", "id", "BehaviorID"], required=True), rec)
     else:
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
-            raise BenchmarkFormatError(path, None, None, f"not valid JSON ({e})") from e
+            raise BenchmarkFormatError(path, None, None, f"not valid JSON ({e.msg} at column {e.colno})",
+                                       line=e.lineno) from None
         if not isinstance(doc, dict):
             raise BenchmarkFormatError(path, None, None, "expected an object BehaviorID -> list of prompts")
         for bid, entries in doc.items():
@@ -236,7 +283,7 @@ def read_prompts(path) -> list[str]:
     """Prompts for `rep-shift`: JSONL with a "prompt" field (by extension .jsonl/.json, or when the first non-empty
     line starts with "{"), else plain text, one prompt a line (blank lines skipped)."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _lines(read_text(path, "prompt file"))
     first = next((ln for ln in lines if ln.strip()), "")
     prompts = []
     if path.suffix.lower() in (".jsonl", ".json") or first.lstrip().startswith("{"):
@@ -249,6 +296,12 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at "\\n" only: str.splitlines would also split at U+2028 and other separators, which JSON writes
+    unescaped inside strings."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _jsonl_objects(path, lines, expected: str):
     """(line number, object) for each non-blank JSONL line; a line that is not a JSON object is an error."""
     for n, line in enumerate(lines, start=1):
@@ -257,7 +310,7 @@ def _jsonl_objects(path, lines, expected: str):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise BenchmarkFormatError(path, n, None, f"not valid JSON ({e})") from e
+            raise BenchmarkFormatError(path, n, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
             raise BenchmarkFormatError(path, n, None, f"expected {expected}")
         yield n, rec

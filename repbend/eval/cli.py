@@ -7,6 +7,11 @@
     repbend eval --compare RUN_A RUN_B [--output DIR]
     repbend logit-lens --model.path DIR [--adapter DIR] --prompt TEXT [--response-prefix TEXT] --output FILE.png
     repbend rep-shift --model.path DIR --adapter DIR --safe FILE --unsafe FILE --output DIR
+
+The model options are spelled as in `repbend train`: --model.path, --model.dtype, --model.device (the older
+--dtype / --device still work, unlisted). Errors the user can fix are one line: argparse's own (exit 2),
+`UsageError` for a bad option value, `repbend.data.errors.DataError` for a file, row or field; every input is
+checked before a model is loaded (see `inputs.py`).
 """
 from __future__ import annotations
 
@@ -15,11 +20,20 @@ import json
 from pathlib import Path
 
 
-def _model_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
-    p.add_argument("--model.path", dest="model_path", required=True, help="HF model directory (or hub name)")
-    p.add_argument("--adapter", required=adapter_required, help="PEFT adapter directory (applied unmerged)")
-    p.add_argument("--model.dtype", "--dtype", dest="dtype", default="auto", help="auto (bf16 GPU / fp32 CPU), bf16, fp32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+class UsageError(ValueError):
+    """A bad option value of `repbend eval`, `logit-lens` or `rep-shift`, in one line naming the option; the
+    `repbend` command prints it as `repbend: error: <message>` and exits with status 2."""
+
+
+def _model_args(p: argparse.ArgumentParser, *, required: bool = True, adapter_required: bool = False) -> None:
+    p.add_argument("--model.path", dest="model_path", required=required, metavar="DIR",
+                   help="HF model directory (or hub id org/name)")
+    p.add_argument("--adapter", required=adapter_required, metavar="DIR",
+                   help="PEFT adapter directory (applied unmerged)")
+    p.add_argument("--model.dtype", dest="dtype", default="auto", help="auto (bf16 GPU / fp32 CPU), bf16, fp16, fp32")
+    p.add_argument("--dtype", dest="dtype", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # older spelling
+    p.add_argument("--model.device", dest="device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", dest="device", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # older spelling
 
 
 def _list(text: str) -> list[str]:
@@ -27,11 +41,24 @@ def _list(text: str) -> list[str]:
 
 
 def parse_judges(text: str) -> list[tuple[str, str | None]]:
-    """"keywords,harmbench=DIR,wildguard=DIR" -> [("keywords", None), ("harmbench", DIR), ...]."""
-    judges = []
+    """"keywords,harmbench=DIR,wildguard=DIR" -> [("keywords", None), ("harmbench", DIR), ...]. UsageError for an
+    unknown judge, a classifier without its directory, a directory given to `keywords`, or a judge named twice."""
+    from .judges import JUDGES
+
+    judges: list[tuple[str, str | None]] = []
     for part in _list(text):
-        name, _, path = part.partition("=")
-        judges.append((name.strip(), path.strip() or None))
+        name, eq, path = (x.strip() for x in part.partition("="))
+        if name not in JUDGES:
+            raise UsageError(f"--judges: unknown judge {name!r}; known: keywords, harmbench=DIR, wildguard=DIR")
+        if name == "keywords" and eq:
+            raise UsageError(f"--judges {part}: the keywords judge takes no directory")
+        if name != "keywords" and not path:
+            raise UsageError(f"--judges: {name} needs its classifier: {name}=DIR")
+        if any(name == seen for seen, _ in judges):
+            raise UsageError(f"--judges: {name} is given twice")
+        judges.append((name, path or None))
+    if not judges:
+        raise UsageError("--judges: no judge given")
     return judges
 
 
@@ -43,16 +70,15 @@ def eval_parser() -> argparse.ArgumentParser:
                     "--compare RUN_A RUN_B puts two finished runs side by side.")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                    help="put two finished runs (directories with summary.json) side by side; needs no model")
-    p.add_argument("--model.path", dest="model_path", metavar="DIR")
-    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory (evaluated without merging)")
-    p.add_argument("--model.dtype", "--dtype", dest="dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--harmbench", metavar="FILE", help="HarmBench behaviours: JSON {\"data\": [...]} or the HarmBench CSV")
+    _model_args(p, required=False)
+    p.add_argument("--harmbench", metavar="FILE",
+                   help="HarmBench behaviours: JSON {\"data\": [...]} or the HarmBench CSV")
     p.add_argument("--harmbench-targets", dest="harmbench_targets", metavar="FILE",
                    help="JSON BehaviorID -> target string (the HarmBench CSV has no targets)")
     p.add_argument("--xstest", metavar="FILE", help="XSTest prompts CSV (id, type, prompt, ...)")
     p.add_argument("--attacks", default="direct", help="comma list of direct, prefill, input_embed, transfer")
-    p.add_argument("--transfer", metavar="FILE", help="transfer attack prompts, JSON or JSONL (see repbend/eval/benchmarks.py)")
+    p.add_argument("--transfer", metavar="FILE",
+                   help="transfer attack prompts, JSON or JSONL (see repbend/eval/benchmarks.py)")
     p.add_argument("--judges", default="keywords", help="comma list: keywords, harmbench=DIR, wildguard=DIR")
     p.add_argument("--gen.max_new_tokens", dest="max_new_tokens", type=int, default=512, metavar="N")
     p.add_argument("--gen.batch_size", dest="batch_size", type=int, default=16, metavar="N")
@@ -76,24 +102,23 @@ def main_eval(argv: list[str]) -> int:
         eval_parser().error("--model.path and --output are required (or --compare RUN_A RUN_B)")
     from .run import EvalConfig, run_eval
 
-    try:
-        cfg = EvalConfig(
-            model_path=args.model_path, output=args.output, adapter=args.adapter, harmbench=args.harmbench,
-            harmbench_targets=args.harmbench_targets, xstest=args.xstest, attacks=_list(args.attacks),
-            transfer=args.transfer, judges=parse_judges(args.judges), max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, device=args.device,
-            embed_tokens=args.embed_tokens, embed_steps=args.embed_steps, embed_lr=args.embed_lr,
-            embed_stop_loss=args.embed_stop_loss, embed_batch_size=args.embed_batch_size,
-            judge_batch_size=args.judge_batch_size)
-    except ValueError as e:
-        eval_parser().error(str(e))
-    run_eval(cfg)
+    cfg = EvalConfig(
+        model_path=args.model_path, output=args.output, adapter=args.adapter, harmbench=args.harmbench,
+        harmbench_targets=args.harmbench_targets, xstest=args.xstest, attacks=_list(args.attacks),
+        transfer=args.transfer, judges=parse_judges(args.judges), max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, device=args.device,
+        embed_tokens=args.embed_tokens, embed_steps=args.embed_steps, embed_lr=args.embed_lr,
+        embed_stop_loss=args.embed_stop_loss, embed_batch_size=args.embed_batch_size,
+        judge_batch_size=args.judge_batch_size)
+    run_eval(cfg)  # checks every input (inputs.py) before it loads the model
     return 0
 
 
 def _compare(run_a: str, run_b: str, output: str | None = None) -> int:
     from .summary import compare, compare_markdown, load_summary
 
+    if output and Path(output).exists() and not Path(output).is_dir():
+        raise UsageError(f"--output {output}: exists and is not a directory")
     rows = compare(load_summary(run_a), load_summary(run_b))
     table = compare_markdown(rows, Path(run_a).name or "A", Path(run_b).name or "B")
     print(table)
@@ -116,6 +141,14 @@ def main_logit_lens(argv: list[str]) -> int:
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=32, help="show the last N tokens")
     p.add_argument("--output", required=True, help="PNG file")
     args = p.parse_args(argv)
+    from .inputs import check_positive
+
+    if not args.prompt.strip():
+        raise UsageError("--prompt: empty")
+    check_positive(args.max_tokens, "--max-tokens")
+    if Path(args.output).is_dir():
+        raise UsageError(f"--output {args.output}: is a directory (expected a PNG file name)")
+    _check_model(args)
     from .lens import lens_views, plot_lens
     from .run import load_model
 
@@ -138,6 +171,12 @@ def main_rep_shift(argv: list[str]) -> int:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     p.add_argument("--output", required=True, help="directory: rep_shift.csv, rep_shift.png")
     args = p.parse_args(argv)
+    from .inputs import check_positive
+
+    check_positive(args.batch_size, "--batch-size")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UsageError(f"--output {args.output}: exists and is not a directory")
+    _check_model(args)
     from .benchmarks import read_prompts
     from .rep_shift import plot_shift, representation_shift, write_csv
     from .run import load_model
@@ -153,3 +192,14 @@ def main_rep_shift(argv: list[str]) -> int:
                                                       f"{'s' if args.positions == 'all' else ''})")
     print(f"wrote {out / 'rep_shift.csv'} and {out / 'rep_shift.png'}")
     return 0
+
+
+def _check_model(args) -> None:
+    """The model options of logit-lens / rep-shift, before anything loads."""
+    from .inputs import check_device, check_dtype, check_model_location
+
+    check_dtype(args.dtype)
+    check_device(args.device)
+    check_model_location(args.model_path, "--model.path", chat_template=True)
+    if args.adapter:
+        check_model_location(args.adapter, "--adapter", kind="adapter")

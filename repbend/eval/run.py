@@ -1,6 +1,8 @@
 """`repbend eval`: benchmarks -> attacks -> generations.jsonl -> judges -> summary.
 
 Phases, each resumable from `OUTPUT/generations.jsonl`:
+0. check: option values (EvalConfig), then every input path (model, adapter, judge directories; benchmark, transfer
+   and target files, read in full) before the model is loaded, so a typo fails at once (`check_inputs`).
 1. generate: every (benchmark, id, attack) without a row in the file is generated (the input-embedding attack first
    optimises its soft prompts); rows are appended after each batch, so a killed run loses one batch at most.
 2. judge: for each judge, rows that lack its verdict are judged (one classifier in memory at a time, after the
@@ -26,10 +28,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from repbend.data.errors import DataError
+from repbend.data.sources import check_file, read_text
+
 from . import attacks as atk
 from . import generation as gen
 from .benchmarks import Item, read_harmbench, read_transfer, read_xstest
-from .judges import ClassifierJudge, judge_applies, keyword_verdict
+from .cli import UsageError
+from .inputs import check_device, check_dtype, check_model_location, check_positive
+from .judges import JUDGES, ClassifierJudge, judge_applies, keyword_verdict
 from .summary import summarize, write_summary
 
 log = logging.getLogger(__name__)
@@ -59,20 +66,60 @@ class EvalConfig:
     judge_batch_size: int = 8
 
     def __post_init__(self):
+        """Option values only (UsageError); the paths are checked by `check_inputs`."""
         if not self.harmbench and not self.xstest:
-            raise ValueError("nothing to evaluate: give --harmbench and/or --xstest")
+            raise UsageError("nothing to evaluate: give --harmbench and/or --xstest")
+        if self.harmbench_targets and not self.harmbench:
+            raise UsageError("--harmbench-targets needs --harmbench")
+        if not self.attacks:
+            raise UsageError("--attacks: no attack given")
         unknown = [a for a in self.attacks if a not in atk.ATTACKS]
         if unknown:
-            raise ValueError(f"unknown attack(s) {unknown}; known: {', '.join(atk.ATTACKS)}")
+            raise UsageError(f"--attacks: unknown attack(s) {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(atk.ATTACKS)}")
+        if len(set(self.attacks)) < len(self.attacks):
+            raise UsageError(f"--attacks {','.join(self.attacks)}: an attack is given twice")
         if "transfer" in self.attacks and not self.transfer:
-            raise ValueError("the transfer attack needs --transfer FILE")
+            raise UsageError("the transfer attack needs --transfer FILE")
+        if self.transfer and "transfer" not in self.attacks:
+            raise UsageError("--transfer is given but --attacks does not include transfer")
+        names = [name for name, _ in self.judges]
         for name, path in self.judges:
-            if name not in ("keywords", "harmbench", "wildguard"):
-                raise ValueError(f"unknown judge {name!r}; known: keywords, harmbench=DIR, wildguard=DIR")
+            if name not in JUDGES:
+                raise UsageError(f"--judges: unknown judge {name!r}; known: keywords, harmbench=DIR, wildguard=DIR")
             if name != "keywords" and not path:
-                raise ValueError(f"judge {name} needs a classifier directory: {name}=DIR")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("gen.max_new_tokens and gen.batch_size must be >= 1")
+                raise UsageError(f"--judges: {name} needs its classifier: {name}=DIR")
+        if not names or len(set(names)) < len(names):
+            raise UsageError("--judges: no judge given, or a judge given twice")
+        for option, value in (("--gen.max_new_tokens", self.max_new_tokens), ("--gen.batch_size", self.batch_size),
+                              ("--input_embed.tokens", self.embed_tokens), ("--input_embed.steps", self.embed_steps),
+                              ("--input_embed.batch_size", self.embed_batch_size),
+                              ("--judge.batch_size", self.judge_batch_size)):
+            check_positive(value, option)
+        if self.limit is not None:
+            check_positive(self.limit, "--limit")
+        if not self.embed_lr > 0:
+            raise UsageError(f"--input_embed.lr {self.embed_lr}: must be > 0")
+        check_dtype(self.dtype)
+        check_device(self.device)
+
+
+def check_inputs(cfg: EvalConfig) -> None:
+    """Every path the run will read, before anything is loaded (module docstring, phase 0). The benchmark files are
+    only checked for existence here; `run_eval` reads them in full right after, still before the model loads."""
+    check_model_location(cfg.model_path, "--model.path", chat_template=True)
+    if cfg.adapter:
+        check_model_location(cfg.adapter, "--adapter", kind="adapter")
+    for name, path in cfg.judges:
+        if path:
+            check_model_location(path, f"--judges {name}=")
+    for what, path in (("HarmBench file", cfg.harmbench), ("HarmBench targets file", cfg.harmbench_targets),
+                       ("XSTest file", cfg.xstest), ("transfer file", cfg.transfer)):
+        if path:
+            check_file(os.path.expanduser(path), what)
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {cfg.output}: exists and is not a directory")
 
 
 def load_model(path, adapter=None, dtype="auto", device="auto"):
@@ -117,21 +164,29 @@ def row_key(row: dict) -> tuple[str, str, str]:
 
 
 def read_rows(path: Path) -> dict[tuple, dict]:
-    """Rows by key (a later row replaces an earlier one); a torn last line (killed mid-write) is dropped."""
+    """Rows by key (a later row replaces an earlier one); a torn last line (killed mid-write) is dropped. Lines are
+    split at "\\n" only: generations may hold U+2028 and other characters str.splitlines breaks at, and the rows
+    are written with ensure_ascii=False."""
     rows: dict[tuple, dict] = {}
     if not path.exists():
         return rows
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "generations file").split("\n")
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines):
+            if n == last:
                 log.warning("%s: dropping a truncated last line", path)
                 continue
-            raise ValueError(f"{path}:{n}: not valid JSON; remove the line or the file to regenerate") from None
+            raise DataError(f"{path}:{n}", "not valid JSON; remove the line or the file to regenerate",
+                            reason="malformed JSON") from None
+        missing = [k for k in ("benchmark", "id", "attack") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise DataError(f"{path}:{n}", "missing (not a row of repbend eval; use a new --output directory)",
+                            field=missing[0], reason="missing field")
         rows[row_key(row)] = row
     return rows
 
@@ -220,11 +275,12 @@ def judge_rows(rows: list[dict], judges: list[tuple[str, str | None]], cfg: Eval
 
 def run_eval(cfg: EvalConfig) -> list[dict]:
     """Run (or resume) an evaluation; returns the summary results."""
+    check_inputs(cfg)
+    items = load_items(cfg)
+    transfer = read_transfer(cfg.transfer) if cfg.transfer else None
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "generations.jsonl"
-    items = load_items(cfg)
-    transfer = read_transfer(cfg.transfer) if cfg.transfer else None
     if transfer:
         known = {i.id for i in items if i.benchmark == "harmbench"}
         missing = [b for b in transfer if b not in known]

@@ -102,13 +102,29 @@ def write_summary(out_dir, results: list[dict], meta: dict | None = None) -> str
 
 
 def load_summary(run) -> dict:
-    """A run's summary.json, given the run directory or the file."""
+    """A run's summary.json, given the run directory or the file; DataFileNotFound / DataError when it is missing
+    or is not a summary."""
+    from repbend.data.errors import DataError, DataFileNotFound
+    from repbend.data.sources import read_text
+
     path = Path(run)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":
         path = path / "summary.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no summary.json (run `repbend eval` first)")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise DataFileNotFound(path, "run summary", "run `repbend eval` first")
+    try:
+        doc = json.loads(read_text(path, "summary file"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}", f"not valid JSON ({e.msg} at column {e.colno})") from None
+    results = doc.get("results") if isinstance(doc, dict) else None
+    if not isinstance(results, list):
+        raise DataError(str(path), "expected {\"results\": [...]} (a summary.json of `repbend eval`)",
+                        field="results")
+    for i, r in enumerate(results):
+        missing = [k for k in (*_KEY, "metric") if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise DataError(f"{path}: results[{i}]", "missing", field=missing[0])
+    return doc
 
 
 def compare(a: dict, b: dict) -> list[dict]:
@@ -121,7 +137,8 @@ def compare(a: dict, b: dict) -> list[dict]:
         va, vb = (ra or {}).get("value"), (rb or {}).get("value")
         rows.append({**dict(zip(_KEY, key)), "metric": (ra or rb)["metric"], "a": va, "b": vb,
                      "delta": vb - va if va is not None and vb is not None else None,
-                     "a_unparseable": (ra or {}).get("n_unparseable"), "b_unparseable": (rb or {}).get("n_unparseable")})
+                     "a_unparseable": (ra or {}).get("n_unparseable"),
+                     "b_unparseable": (rb or {}).get("n_unparseable")})
     return rows
 
 
