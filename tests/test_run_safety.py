@@ -273,3 +273,16 @@ def test_train_help_lists_every_key_with_type_default_and_text():
     assert "--lora.r int  (default: 16)" in text and "--train.seed int  (default: 42)" in text
     p = _cli("train", "--train.lr", "3e-4", "--print_config")
     assert p.returncode == 0 and "lr: 0.0003" in p.stdout
+
+
+def test_data_without_unsafe_rows_is_one_clear_error(assets, tmp_path):
+    model_dir, paths = assets
+    rows = [json.loads(x) for x in Path(paths["wildguardmix"]).read_text().splitlines()]
+    safe_only = tmp_path / "safe_only.jsonl"
+    safe_only.write_text("".join(json.dumps(r) + "\n" for r in rows if r["prompt_harm_label"] == "unharmful"))
+    args = _args(assets, tmp_path / "run", "--data.wildguardmix", str(safe_only))
+    i = args.index("--data.wildjailbreak")
+    with pytest.raises(TrainingError) as e:
+        train(RepBendConfig.load(None, args[:i] + args[i + 2:]))
+    assert "cannot fill one micro-batch" in str(e.value) and "wgm_unsafe has 0 rows" in str(e.value)
+    assert "safe_only.jsonl" in str(e.value)
