@@ -1,4 +1,13 @@
-"""Choosing between the Triton and the eager PyTorch implementation of an op."""
+"""What the three ops share: choosing the implementation, the device guard, per-layer address tables, and the loop
+bound convention of the kernels.
+
+Loop bounds: every Triton loop runs over a constexpr trip count (`for c in range(NUM_CHUNKS)`), never
+`range(0, D, BLOCK)` over a runtime argument. Triton 3.6's interpreter turns a runtime bound into a Python int with
+`int()` on a one-element numpy array, which numpy >= 2.4 rejects ("only 0-dimensional arrays can be converted to
+Python scalars"); triton 3.7 squeezes the array first. A constexpr count is a plain int in both, and compiled
+kernels only gain from it (one specialisation per model width or vocabulary).
+"""
+import contextlib
 import os
 
 import torch
@@ -26,3 +35,39 @@ def resolve_impl(impl: str, device: torch.device) -> str:
             "before importing repbend.kernels, or use impl='torch'/'auto'"
         )
     return impl
+
+
+def num_chunks(n: int, block: int) -> int:
+    """Trip count of a loop over n elements in blocks of `block` (a constexpr of the kernels, see above)."""
+    return max(1, -(-int(n) // int(block)))
+
+
+def on_device(device: torch.device):
+    """Launch on `device` (Triton launches on the current CUDA device, which need not be the tensors')."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def pointer_table(rows: list[list[int]], device: torch.device, op: str) -> torch.Tensor:
+    """int64 [len(rows), len(rows[0])] of host integers (addresses) on `device`.
+
+    On CUDA it is copied from pinned memory without blocking the host; the caching host allocator keeps that
+    buffer until the copy has run. A CUDA graph, though, would replay the copy from a buffer freed long before:
+    capture is refused.
+    """
+    if device.type != "cuda":
+        return torch.tensor(rows, dtype=torch.int64, device=device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{op}: per-layer tensors (a list of hidden states or ref) cannot be captured in a CUDA graph: the "
+            "table of their addresses is copied from host memory that is freed after the call, so a replay "
+            "would read stale addresses. Pass one stacked [L, ...] tensor (read through its strides, no table), "
+            "or keep this op outside the captured region (torch.compile marks it cudagraph-unsafe)."
+        )
+    return torch.tensor(rows, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+
+
+def cudagraph_unsafe_tags() -> tuple:
+    """Tags for a custom op whose launch builds a pointer table (see `pointer_table`): Inductor then keeps the op
+    out of its CUDA graphs. Empty where this torch has no such tag."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    return (tag,) if tag is not None else ()

@@ -90,7 +90,7 @@ for s in specs:
         f.write(ck.asm["cubin"])
     ptx = ck.asm["ptx"]
     out.append({"kernel": ck.name, "shared": int(ck.metadata.shared),
-                "vector_loads": ("ld.global.v" in ptx)})
+                "vector_loads": ("ld.global.v" in ptx), "fp64": (".f64" in ptx)})
 print("@@HOPPER@@" + json.dumps(out))
 """
 
@@ -171,7 +171,8 @@ def hopper_resources_many(specs: list[dict], timeout: float = 600.0) -> list[dic
                 raise RuntimeError(f"ptxas -v failed for {kname}:\n{log.stderr}")
             spills = _parse_ptxas_log(log.stdout + log.stderr, kname)
             results.append({"kernel": kname, "registers": usage["registers"], "local": usage["local"],
-                            "shared": info["shared"], "vector_loads": info["vector_loads"], **spills})
+                            "shared": info["shared"], "vector_loads": info["vector_loads"], "fp64": info["fp64"],
+                            **spills})
         return results
 
 
@@ -186,7 +187,8 @@ def hopper_resources(kernel, signature: dict, constexprs: dict, num_warps: int, 
     as multiples of 16 (16-byte aligned pointers, ints such as D = 4096 or a row stride); None means every pointer
     argument and no int.
     Returns {"registers", "spill_stores", "spill_loads"} (ints; spills in bytes) plus "stack", "local", "shared",
-    "ptxas_registers", "vector_loads" (whether the PTX has a vector global load) and "kernel" for diagnosis.
+    "ptxas_registers", "vector_loads" (whether the PTX has a vector global load), "fp64" (whether it has any
+    double-precision instruction or register) and "kernel" for diagnosis.
     """
     return hopper_resources_many([{"kernel": kernel, "signature": signature, "constexprs": constexprs,
                                    "num_warps": num_warps, "num_stages": num_stages, "divisible": divisible}])[0]

@@ -1,7 +1,9 @@
-"""linear_kl (kernels/linear_kl.py) against a plain float64 formula, both impls, on CPU.
+"""linear_kl (kernels/linear_kl.py) against a plain float64 formula, both impls (soft-capping:
+test_linear_kl_softcap.py).
 
-The Triton impl runs in the interpreter (TRITON_INTERPRET=1, set by conftest.py) with MAX_BLOCK_V shrunk to 256,
-so that V = 1001 takes several vocabulary tiles, the last one partial.
+The ops run on kernel_refs.DEVICE (CUDA where there is one, else the CPU with the Triton interpreter) with
+MAX_BLOCK_V shrunk to 256, so that V = 1001 takes several vocabulary tiles, the last one partial; the float64 and
+plain references run on the CPU.
 """
 import importlib
 import json
@@ -13,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_refs import DEVICE
 from repbend.kernels.linear_kl import LinearKL, linear_kl
 
 # the module itself: `repbend.kernels.linear_kl` as an attribute is the re-exported function
@@ -50,13 +53,18 @@ def make_inputs(n, d, v, dtype, seed=0, spread=0.5):
 
 
 def run(fn, hidden, ref, weight, temperature, weight_grad=True, grad_out=1.0, **kw):
-    """(loss, grad_hidden, grad_weight, grad_ref) of grad_out * fn(...), on leaf copies."""
-    h = hidden.detach().clone().requires_grad_(True)
-    r = ref.detach().clone().requires_grad_(True)  # must receive no gradient
-    w = weight.detach().clone().requires_grad_(weight_grad)
+    """(loss, grad_hidden, grad_weight, grad_ref) of grad_out * fn(...), on leaf copies (on DEVICE for linear_kl),
+    returned on the CPU."""
+    dev = DEVICE if fn is linear_kl else "cpu"
+    h = hidden.detach().to(dev, copy=True).requires_grad_(True)
+    r = ref.detach().to(dev, copy=True).requires_grad_(True)  # must receive no gradient
+    w = weight.detach().to(dev, copy=True).requires_grad_(weight_grad)
     loss = fn(h, r, w, temperature, **kw)
     (loss * grad_out).backward()
-    return loss.detach(), h.grad, w.grad, r.grad
+
+    def cpu(t):
+        return None if t is None else t.cpu()
+    return loss.detach().cpu(), cpu(h.grad), cpu(w.grad), cpu(r.grad)
 
 
 def rel_err(x, ref):
@@ -111,15 +119,20 @@ def test_frozen_weight_gets_no_grad_and_no_grad_matmul(impl):
             return out
 
     hidden, ref, weight = make_inputs(n, d, v, torch.float32)
-    h = hidden.clone().requires_grad_(True)
-    with Shapes() as mode:
-        loss = linear_kl(h, ref, weight, 2.0, impl=impl, chunk_rows=16)
-        loss.backward()
+    h = hidden.to(DEVICE, copy=True).requires_grad_(True)
+    weight = weight.to(DEVICE)
+    loss = linear_kl(h, ref.to(DEVICE), weight, 2.0, impl=impl, chunk_rows=16)
+    loss.backward()
     assert weight.grad is None
+    # the op is one custom op to a dispatch mode outside it: record what its implementation computes
+    with Shapes() as mode:
+        _, _, gw = lk._linear_kl_forward(h.detach(), ref.to(DEVICE), weight, 2.0, None, impl, 16, True, False)
+    assert gw is None and mode.seen, "nothing recorded"
+    assert any(shape == (16, v) for _, shape in mode.seen), "the chunk's logits were not seen"
     assert not any(shape == (v, d) for _, shape in mode.seen), "a [V, D] tensor was computed for a frozen head"
     assert not any(len(s) == 2 and s[0] > 16 and s[1] == v for _, s in mode.seen), "more than a chunk of logits"
-    _, gh64, _, _ = run(kl_float64, hidden, ref, weight, 2.0, weight_grad=False)
-    torch.testing.assert_close(h.grad, gh64, rtol=1e-4, atol=2e-6)
+    _, gh64, _, _ = run(kl_float64, hidden, ref, weight.cpu(), 2.0, weight_grad=False)
+    torch.testing.assert_close(h.grad.cpu(), gh64, rtol=1e-4, atol=2e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -155,8 +168,8 @@ def test_close_distributions_keep_relative_precision(impl):
         assert rel_err(ours[i], exact[i]) < 2e-2, f"{what}: rel. error {rel_err(ours[i], exact[i]):.3g}"
 
     hidden, ref, weight = make_inputs(37, 33, 1001, torch.float32, seed=2, spread=1e-2)
-    got = linear_kl(hidden, ref, weight, 2.0, impl=impl)
-    torch.testing.assert_close(got.double(), kl_float64(hidden, ref, weight, 2.0), rtol=1e-3, atol=0)
+    got = linear_kl(hidden.to(DEVICE), ref.to(DEVICE), weight.to(DEVICE), 2.0, impl=impl)
+    torch.testing.assert_close(got.cpu().double(), kl_float64(hidden, ref, weight, 2.0), rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -177,13 +190,14 @@ def test_non_contiguous_inputs(impl):
 def test_no_grad_paths(impl):
     hidden, ref, weight = make_inputs(37, 33, 1001, torch.float32)
     want = kl_float64(hidden, ref, weight, 2.0)
+    hidden, ref, weight = hidden.to(DEVICE, copy=True), ref.to(DEVICE), weight.to(DEVICE)
     out = linear_kl(hidden, ref, weight, 2.0, impl=impl)  # nothing requires grad
     assert not out.requires_grad
-    torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(out.cpu().double(), want, rtol=2e-6, atol=1e-6)
     with torch.no_grad():
         out = linear_kl(hidden.requires_grad_(True), ref, weight, 2.0, impl=impl)
     assert not out.requires_grad
-    torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(out.cpu().double(), want, rtol=2e-6, atol=1e-6)
 
 
 def test_module_auto_and_validation():
@@ -200,6 +214,32 @@ def test_module_auto_and_validation():
         linear_kl(hidden, ref, weight, temperature=0.0)
     with pytest.raises(ValueError, match="impl"):
         linear_kl(hidden, ref, weight, impl="cuda")
+    with pytest.raises(ValueError, match="softcap"):
+        linear_kl(hidden, ref, weight, softcap=0.0)
+    assert "softcap=30.0" in repr(LinearKL(softcap=30.0))
+
+
+def test_sharded_dtensor_weight_is_refused():
+    """A tensor-parallel (sharded) LM head: a clear error; a replicated DTensor works (its local tensor)."""
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    hidden, ref, weight = make_inputs(5, 8, 50, torch.float32)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        sharded = distribute_tensor(weight, mesh, [Shard(0)])
+        with pytest.raises(TypeError, match=r"weight is a DTensor .*Shard\(dim=0\).*full_tensor"):
+            linear_kl(hidden, ref, sharded)
+        replicated = distribute_tensor(weight, mesh, [Replicate()])
+        got = linear_kl(hidden, ref, replicated, impl="torch")
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(got.double(), kl_float64(hidden, ref, weight, 2.0), rtol=2e-6, atol=1e-6)
 
 
 def test_default_chunk_rows_fit_budget():

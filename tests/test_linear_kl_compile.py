@@ -1,7 +1,8 @@
-"""The linear_kl row kernel compiles for Hopper (sm_90) without register spills at the production vocabulary.
+"""The linear_kl row kernel compiles for Hopper (sm_90) without register spills or fp64 at the production vocabulary.
 
-Compiled with the block size and warps the launcher picks for Llama-3's V = 128256, for both dtypes and with and
-without the gradient pass (see tests/hopper.py for how this works without a GPU).
+Compiled with the tile and warps the launcher picks for Llama-3's V = 128256 (a multiple of 16, which Triton's
+launcher marks divisible, as here), for both dtypes, with and without the gradient pass, with and without logit
+soft-capping (see tests/hopper.py for how this works without a GPU). `pytest -s` prints registers and spills.
 """
 import importlib
 
@@ -17,24 +18,32 @@ V = 128256
 
 @requires_ptxas
 def test_kl_rows_kernel_compiles_for_sm90_without_spills():
-    cfg = lk.kl_rows_launch_config(V)
-    assert cfg == {"BLOCK_V": lk.MAX_BLOCK_V, "num_warps": 8}
-    cases = [(dtype, grad) for dtype in ("bf16", "fp32") for grad in (True, False)]
+    cfgs = {cap: lk.kl_rows_launch_config(V, cap) for cap in (False, True)}
+    assert cfgs[False] == {"BLOCK_V": lk.MAX_BLOCK_V, "NUM_TILES": 32, "num_warps": 8}
+    assert cfgs[True] == {"BLOCK_V": lk.MAX_BLOCK_V // 2, "NUM_TILES": 63, "num_warps": 8}
+    cases = [(dtype, grad, cap) for dtype in ("bf16", "fp32") for grad in (True, False) for cap in (False, True)]
+    signature = {"ref_ptr": "*{}", "delta_ptr": "*{}", "loss_ptr": "*fp32", "stride_ref": "i32", "stride_delta": "i32",
+                 "V": "i32", "temperature": "fp32", "softcap": "fp32"}
     specs = [
         {
             "kernel": lk._kl_rows_kernel,
-            "signature": {"ref_ptr": f"*{dtype}", "delta_ptr": f"*{dtype}", "loss_ptr": "*fp32",
-                          "stride_ref": "i32", "stride_delta": "i32", "V": "i32", "temperature": "fp32"},
-            "constexprs": {"BLOCK_V": cfg["BLOCK_V"], "COMPUTE_GRAD": grad},
-            "num_warps": cfg["num_warps"],
+            "signature": {k: v.format(dtype) for k, v in signature.items()},
+            "constexprs": {"BLOCK_V": cfgs[cap]["BLOCK_V"], "NUM_TILES": cfgs[cap]["NUM_TILES"],
+                           "COMPUTE_GRAD": grad, "SOFTCAP": cap},
+            "num_warps": cfgs[cap]["num_warps"],
+            # the row strides of [C, V] buffers are V: 16-multiples, like V itself
+            "divisible": ["ref_ptr", "delta_ptr", "loss_ptr", "stride_ref", "stride_delta", "V"],
         }
-        for dtype, grad in cases
+        for dtype, grad, cap in cases
     ]
     results = hopper_resources_many(specs)
-    for (dtype, grad), res in zip(cases, results):
-        print(f"{dtype} grad={grad}: {res['registers']} registers, spills {res['spill_stores']}/{res['spill_loads']}")
-        assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (dtype, grad, res)
-        assert res["registers"] <= 255, (dtype, grad, res)
+    for (dtype, grad, cap), res in zip(cases, results):
+        print(f"kl_rows {dtype} grad={grad} softcap={cap}: {res['registers']} registers, spills "
+              f"{res['spill_stores']}/{res['spill_loads']} B, vector loads {res['vector_loads']}, fp64 {res['fp64']}")
+        assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (dtype, grad, cap, res)
+        assert res["registers"] <= 128, (dtype, grad, cap, res)  # at least 2 programs of 8 warps per SM
+        assert not res["fp64"], (dtype, grad, cap, "fp64 in the PTX")
+        assert res["vector_loads"], (dtype, grad, cap, "no vector loads")
 
 
 if __name__ == "__main__":  # pragma: no cover
