@@ -80,7 +80,8 @@ class RepBendObjective:
         parts: dict[str, torch.Tensor | None] = dict.fromkeys(self.TERMS)
         for term, layers, key in (("safe", S, "safe"), ("unsafe", U, "unsafe")):
             if use[term]:
-                d = _distance([hs[i] for i in layers], torch.stack([ref[term][i] for i in layers]), ix[key], impl)
+                d = rep_distance([hs[i] for i in layers], torch.stack([ref[term][i] for i in layers]), ix[key],
+                                 impl=impl)
                 parts[term] = d.l2.sum() / (len(layers) * ix[key].numel())
         if use["cos"]:
             last = torch.stack([hs[i].reshape(-1, hs[i].shape[-1]).index_select(0, ix["cos"]) for i in U])
@@ -90,18 +91,11 @@ class RepBendObjective:
             top = hs[n_layers]
             final = top.reshape(-1, top.shape[-1]).index_select(0, ix["retain"])
             # one dtype for the fused projection: under autocast the hidden states and the head may differ
-            cap = getattr(unwrap(model).config, "final_logit_softcapping", None)
+            cap = getattr(unwrap(model).config, "final_logit_softcapping", None)  # the model's own logits' cap
             parts["kl"] = linear_kl(final.to(w.dtype), ref["kl"][n_layers].to(w.dtype), w,
-                                    temperature=cfg.temperature, impl=impl, **({"softcap": cap} if cap else {})
-                                    ) / batch.n_retain
+                                    temperature=cfg.temperature, impl=impl, softcap=cap) / batch.n_retain
         if use["pair"]:
-            d = _distance([hs[i] for i in U], torch.stack([ref["pair"][i] for i in U]), ix["pair"], impl)
+            d = rep_distance([hs[i] for i in U], torch.stack([ref["pair"][i] for i in U]), ix["pair"], impl=impl)
             parts["pair"] = d.l2.sum() / (len(U) * batch.n_pairs * batch.pair_len)
         return LossTerms.weighted(parts, cfg.weights())
 
-
-def _distance(hidden, ref, index, impl):  # TEMPORARY until rep_distance takes flat indices
-    R, T = hidden[0].shape[:2]
-    mask = torch.zeros(R * T, dtype=torch.bool, device=index.device)
-    mask[index] = True
-    return rep_distance(hidden, ref, mask.view(R, T), impl=impl)
