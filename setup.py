@@ -1,4 +1,5 @@
-"""Install: `pip install .` or `pip install -e .` (add `[test]` for the test suite, `[gpu]` for liger-kernel).
+"""Install: `pip install .` or `pip install -e .` (add `[test]` for the test suite, `[gpu]` for liger-kernel, `[hf]`
+for `repbend.integrations.hf` (transformers.Trainer needs accelerate), `[wandb]` for --train.report_to wandb).
 
 `repbend.kernels` lives in the top-level folder `kernels/` and is mapped into the `repbend` package with
 `package_dir`, so that it is importable only as `repbend.kernels` (a top-level `kernels` module would shadow
@@ -33,9 +34,12 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # accelerate: transformers.Trainer (repbend.integrations.hf); wandb: the W&B sink's offline test
+        "test": ["pytest>=7", "accelerate>=1.1.0", "wandb"],
         "gpu": ["liger-kernel"],
         "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "hf": ["accelerate>=1.1.0"],
     },
     entry_points={"console_scripts": ["repbend = repbend.cli:main"]},
 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import secrets
+import string
 import sys
 from pathlib import Path
 
@@ -93,8 +95,8 @@ def _start_wandb(out: Path, project: str, config: dict | None, resuming: bool):
         return None
     id_file = out / "wandb_id.txt"
     run_id = id_file.read_text(encoding="utf-8").strip() if resuming and id_file.is_file() else None
-    if run_id is None:
-        run_id = wandb.util.generate_id()
+    if run_id is None:  # W&B's own id helper moved between releases: 8 lowercase letters and digits, as it made
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_file.write_text(run_id + "\n", encoding="utf-8")
     return wandb.init(project=project, id=run_id, resume="allow", dir=str(out), config=config,
                       name=out.name)
