@@ -23,11 +23,16 @@ def adapter_layers(cfg: RepBendConfig, n_layers: int) -> list[int]:
 
 def prepare_model(cfg: RepBendConfig, model, loss_fn) -> tuple[object, list]:
     """Attach fresh LoRA adapters (repbend, circuit_breakers) and set the training switches; returns the model
-    and exactly the tensors to optimise (`RepBendLoss.prepare`)."""
+    and exactly the tensors to optimise (`RepBendLoss.prepare`: the LoRA tensors, or RMU's full weights, with
+    everything else frozen)."""
     n_layers = len(decoder_layers(model))
-    if max(cfg.loss.target_layers) > n_layers:
+    if cfg.loss.method != "rmu" and max(cfg.loss.target_layers) > n_layers:
         raise TrainingError(f"loss.target_layers goes up to {max(cfg.loss.target_layers)} but the model has "
                             f"hidden-state indices 0..{n_layers} ({n_layers} decoder layers)")
+    retain = cfg.loss.retain_layers
+    if cfg.loss.method == "circuit_breakers" and retain != "all" and max(retain, default=0) > n_layers:
+        raise TrainingError(f"loss.retain_layers goes up to {max(retain)} but the model has hidden-state indices "
+                            f"0..{n_layers} ({n_layers} decoder layers)")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.loss.method in ("repbend", "circuit_breakers"):
@@ -57,7 +62,7 @@ def build_data(cfg: RepBendConfig, tokenizer):
     limits = Limits(d.max_request_tokens, d.max_response_tokens, d.max_retain_tokens)
     return build_pools(tokenizer, d.wildguardmix, d.wildjailbreak, d.ultrachat, request_only=cfg.loss.request_only,
                        limits=limits, max_examples_per_pool=d.max_examples_per_pool, skip_invalid=d.skip_invalid,
-                       seed=cfg.train.seed)
+                       seed=cfg.train.seed, method=cfg.loss.method, empty_request_p=d.empty_request_p)
 
 
 def _source(pools, name: str, key: str) -> str:
@@ -74,7 +79,7 @@ def check_data(cfg: RepBendConfig, pools) -> None:
     and the file."""
     loss = cfg.loss
     if loss.method != "repbend":
-        return
+        return _check_baseline_data(cfg, pools)
     if loss.epsilon and not pools.retain:
         raise TrainingError(f"loss.epsilon = {loss.epsilon} weights L_KL, but no retain row can feed it: "
                             f"{_source(pools, 'ultrachat', 'ultrachat')}")
@@ -87,12 +92,34 @@ def check_data(cfg: RepBendConfig, pools) -> None:
                             f"{_source(pools, 'wildjailbreak', 'wildjailbreak')}")
 
 
+def _check_baseline_data(cfg: RepBendConfig, pools) -> None:
+    """Circuit Breakers and RMU: forget rows (WildGuardMix unsafe, WildJailbreak harmful answers) and retain rows
+    (WildGuardMix safe, WildJailbreak refusals, UltraChat) must both exist; Circuit Breakers' retain rows must fit
+    loss.cb_retain_pad_length, the length its retain term divides by."""
+    loss, method = cfg.loss, cfg.loss.method
+    wgm, wj = _source(pools, "wildguardmix", "wildguardmix"), _source(pools, "wildjailbreak", "wildjailbreak")
+    if not (pools.wgm_unsafe or pools.wj_pairs):
+        raise TrainingError(f"{method} needs forget rows (WildGuardMix unsafe rows or WildJailbreak harmful answers) "
+                            f"and there are none: {wgm}; {wj}")
+    if not (pools.wgm_safe or pools.wj_pairs or pools.retain):
+        raise TrainingError(f"{method} needs retain rows (WildGuardMix safe rows, WildJailbreak refusals or UltraChat "
+                            f"chats) and there are none: {wgm}; {wj}; {_source(pools, 'ultrachat', 'ultrachat')}")
+    if method == "circuit_breakers":
+        side = list(pools.wgm_safe) + [refusal for refusal, _ in pools.wj_pairs] + list(pools.retain)
+        longest = max(side, key=len)
+        if len(longest) > loss.cb_retain_pad_length:
+            raise TrainingError(
+                f"{longest.origin}: a retain row of {len(longest)} tokens is longer than loss.cb_retain_pad_length "
+                f"= {loss.cb_retain_pad_length}, the length the retain term divides by: raise it, or lower "
+                "data.max_retain_tokens (UltraChat) or data.max_request_tokens + data.max_response_tokens")
+
+
 def make_sampler(cfg: RepBendConfig, pools):
     from .data.sampler import MicroBatchSampler
 
     try:
         return MicroBatchSampler(pools, cfg.train.batch_size, cfg.train.seed, request_only=cfg.loss.request_only,
-                                 group_by_length=cfg.data.group_by_length)
+                                 group_by_length=cfg.data.group_by_length, method=cfg.loss.method)
     except ValueError as e:  # a pool too small for one micro-batch, a missing set
         files = "; ".join(_source(pools, n, n) for n in ("wildguardmix", "wildjailbreak", "ultrachat")
                           if n in pools.report.sources)

@@ -135,6 +135,8 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     if t.merge and dist.sharded:
         raise TrainingError("train.merge is not supported with distributed.strategy fsdp; merge the saved weights "
                             "afterwards, or use ddp")
+    if cfg.loss.method == "rmu" and dist.sharded:  # its reference pass swaps whole tensors in and out
+        raise TrainingError("loss.method rmu is not supported with distributed.strategy fsdp; use ddp")
     runner = wrap_model(model, cfg.distributed, dist, params)  # before the optimizer: FSDP2 swaps the parameters
     params = dist.params
     if evaluate is None and t.eval_every and t.eval_heldout:

@@ -18,7 +18,11 @@ RepBend's token sets (docs/method.md, "Loss modes"), for a row whose request is 
     retain         every token of the retain rows, ascending
 
 Circuit Breakers and RMU read every token of their rows: `forget` (the unsafe rows) and `retain` (the safe rows,
-then the retain rows), each ascending.
+then the retain rows), each ascending. `meta` holds, per set, its number of rows (`forget_rows`, `retain_rows`) and
+its longest row (`forget_longest`, `retain_longest`: the padded length a per-set layout would have, which RMU's
+denominators count). For RMU the two sets are laid out apart, the retain set's rows first: the reference pass,
+which only the retain tokens need, runs on the first `meta["reference_rows"]` rows alone, and the flat indices of
+the retain tokens are the same in that prefix.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import LossConfig
-from .layout import Rows, lay_out
+from .layout import Placement, Rows, lay_out
 from .types import MicroBatch
 
 
@@ -92,19 +96,28 @@ def collate(micro: MicroBatch, loss: LossConfig, pad_id: int, pack_length: int |
     """Lay out `micro` and build the token sets of `loss.method` (module docstring). `pack_length` None = one row
     per sequence, right-padded; else rows of at most that many tokens."""
     seqs = list(micro.safe) + list(micro.unsafe) + list(micro.retain)
-    rows = lay_out(seqs, pad_id, pack_length)
     n_safe, n_unsafe, n_retain = len(micro.safe), len(micro.unsafe), len(micro.retain)
-    T, P = rows.row_len, rows.placements
-    every = lambda ks: sorted(P[k].flat(T, t) for k in ks for t in range(P[k].length))  # noqa: E731
-    batch = StepBatch(rows, {}, n_safe, n_unsafe, n_retain, useful_tokens=sum(len(s) for s in seqs))
     if loss.method != "repbend":
         sets = {"forget": list(range(n_safe, n_safe + n_unsafe)),
                 "retain": [*range(n_safe), *range(n_safe + n_unsafe, len(seqs))]}
+        if loss.method == "rmu":
+            rows, reference_rows = _apart(seqs, sets["retain"], sets["forget"], pad_id, pack_length)
+        else:
+            rows = lay_out(seqs, pad_id, pack_length)
+        T, P = rows.row_len, rows.placements
+        batch = StepBatch(rows, {}, n_safe, n_unsafe, n_retain, useful_tokens=sum(len(s) for s in seqs))
         for name, ks in sets.items():
-            batch.index[name] = _long(every(ks))
-            batch.meta[f"{name}_rows"] = len(ks)  # and the padded shape a per-set layout would have (RMU)
+            batch.index[name] = _long(sorted(P[k].flat(T, t) for k in ks for t in range(P[k].length)))
+            batch.meta[f"{name}_rows"] = len(ks)
             batch.meta[f"{name}_longest"] = max((P[k].length for k in ks), default=0)
+        if loss.method == "rmu":
+            batch.meta["reference_rows"] = reference_rows
         return batch
+
+    rows = lay_out(seqs, pad_id, pack_length)
+    T, P = rows.row_len, rows.placements
+    every = lambda ks: sorted(P[k].flat(T, t) for k in ks for t in range(P[k].length))  # noqa: E731
+    batch = StepBatch(rows, {}, n_safe, n_unsafe, n_retain, useful_tokens=sum(len(s) for s in seqs))
 
     def mode_positions(ks):
         out = []
@@ -127,3 +140,28 @@ def collate(micro: MicroBatch, loss: LossConfig, pad_id: int, pack_length: int |
     batch.index["pair_ref"] = _long(b for _, b in pairs)
     batch.n_pairs, batch.pair_len = n_pairs, plen
     return batch
+
+
+def _apart(seqs, first: list[int], second: list[int], pad_id: int, pack_length: int | None) -> tuple[Rows, int]:
+    """Rows of `seqs` with the sequences `first` laid out among themselves in the leading rows and `second` in the
+    rows after them (each set as `lay_out` places it), all rows padded to the longest; placements stay indexed by
+    sequence. Returns (rows, number of leading rows)."""
+    parts = [(ks, lay_out([seqs[k] for k in ks], pad_id, pack_length)) for ks in (first, second) if ks]
+    if not parts:
+        raise ValueError("collate: no sequences")
+    T = max(r.row_len for _, r in parts)
+    ids, pos, doc, placements, row0 = [], [], [], [None] * len(seqs), 0
+    for ks, r in parts:
+        n, extra = r.input_ids.shape[0], T - r.row_len
+        ids.append(torch.nn.functional.pad(r.input_ids, (0, extra), value=pad_id))
+        # the added padding belongs to the sequence that ends the row (its positions go on counting)
+        pos.append(torch.cat([r.position_ids, r.position_ids[:, -1:] + torch.arange(1, extra + 1)], dim=1))
+        local = torch.cat([r.doc_ids, r.doc_ids[:, -1:].expand(n, extra)], dim=1).long()
+        doc.append(torch.tensor(ks, dtype=torch.int32)[local])
+        for j, p in enumerate(r.placements):
+            placements[ks[j]] = Placement(row0 + p.row, p.start, p.length, p.request_len)
+        row0 += n
+    starts = sorted(p.row * T + p.start for p in placements)
+    packed = any(r.packed for _, r in parts)
+    rows = Rows(torch.cat(ids), torch.cat(pos), torch.cat(doc), placements, starts + [row0 * T], packed)
+    return rows, (parts[0][1].input_ids.shape[0] if first else 0)
