@@ -19,9 +19,15 @@ Providers
                 beta = 0 computes sum P_teacher (log P_teacher - log P_student) = KL(teacher || student), the
                 direction of L_KL (teacher = reference pass, student = LoRA pass). Liger averages over rows and has
                 no T^2 factor: a timing comparison, not the same number.
-rep_distance also reports the achieved bandwidth of its forward (bytes of the hidden and ref rows read / time) and,
-on GPU, that as a fraction of a device-to-device copy's bandwidth (2 x bytes / time of dst.copy_(src), 2 GiB)
-measured in the same run.
+rep_distance runs as the objective calls it: L per-layer hidden states [B, T, D] (a list, as a model returns them),
+the reference rows gathered [L, N, D], and an int64 index tensor of the N selected positions (the rows launch). Its
+shapes give BT = B*T positions and the fraction of them selected: 1.0, and the bandwidth configuration of about 1/5
+(spans of 16-256 tokens, like response spans in packed rows) at L = 11, D = 4096, BT = 16384, bf16. For it the
+table reports the bandwidth of each mode: bytes the op must move / time, where the forward reads the selected rows
+of hidden and ref (2 x L x N x D elements) and the backward reads them again and writes the whole gradient
+(L x BT x D: autograd needs every position, zeros included); on GPU also as a fraction of a device-to-device copy's
+bandwidth (2 x bytes / time of dst.copy_(src), 2 GiB) measured in the same run. The goal for fwd + bwd ("full") is
+>= 80% of the copy.
 
 Writes DIR/bench_kernels.csv (one row per op, shape, provider, mode) and prints a table.
 """
@@ -57,13 +63,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------
 # Shapes
 # ----------------------------------------------------------------------------------------------------------------
+# The goal configuration of rep_distance (see the module docstring): fwd + bwd >= 80% of a device copy's bandwidth.
+BANDWIDTH_CONFIG = dict(L=11, BT=16384, frac=0.2, D=4096, dtype="bfloat16")
+
+
 def sweeps(device: str, quick: bool, interpret: bool) -> dict[str, list[dict]]:
     """Shapes per op. GPU: the production sizes (D = 4096, L = 11 target / 33 all layers, V = 128256)."""
     if device == "cuda":
         n_tok = [4096, 65536] if quick else [1024, 4096, 16384, 65536]
         layers = [11] if quick else [11, 33]
         return {
-            "rep_distance": [dict(L=L, N=n, D=4096, dtype="bfloat16") for L in layers for n in n_tok],
+            "rep_distance": [dict(BANDWIDTH_CONFIG)] + [dict(L=L, BT=n, frac=1.0, D=4096, dtype="bfloat16")
+                                                  for L in layers for n in n_tok],
             # the method's N is 2B = 8 vectors per layer; 1024 is the Triton kernel's limit
             "pairwise_cosine": [dict(L=L, N=n, D=4096, dtype="bfloat16") for L in layers
                                 for n in ([8, 1024] if quick else [8, 64, 256, 1024])],
@@ -71,12 +82,13 @@ def sweeps(device: str, quick: bool, interpret: bool) -> dict[str, list[dict]]:
         }
     if interpret:  # the Triton interpreter runs one program at a time: tiny shapes only
         return {
-            "rep_distance": [dict(L=2, N=64, D=64, dtype="float32")],
+            "rep_distance": [dict(L=2, BT=64, frac=0.2, D=64, dtype="float32")],
             "pairwise_cosine": [dict(L=2, N=8, D=64, dtype="float32")],
             "linear_kl": [dict(N=32, D=64, V=1024, dtype="float32")],
         }
     return {
-        "rep_distance": [dict(L=11, N=n, D=256, dtype="float32") for n in ([1024] if quick else [1024, 4096])],
+        "rep_distance": [dict(L=11, BT=n, frac=f, D=256, dtype="float32")
+                         for n in ([1024] if quick else [1024, 4096]) for f in (0.2, 1.0)],
         "pairwise_cosine": [dict(L=11, N=n, D=256, dtype="float32") for n in ([8, 256] if quick else [8, 64, 256])],
         "linear_kl": [dict(N=n, D=128, V=32000, dtype="float32") for n in ([256] if quick else [256, 1024])],
     }
@@ -94,6 +106,7 @@ class Case:
     params: list  # tensors that receive gradients (reset between repeats)
     note: str = ""
     read_bytes: int = 0  # bytes of input rows the forward must read (bandwidth column), 0 = not reported
+    bwd_bytes: int = 0  # bytes the backward must move (reads and writes), 0 = not reported
 
 
 def _compiled(fn, cache: dict):
@@ -119,24 +132,32 @@ def make_cases(op: str, shape: dict, providers: list[str], device, compile_cache
         from repbend.kernels.reference import rep_distance_torch
         from repbend.kernels.rep_distance import rep_distance
 
-        L, N, D = shape["L"], shape["N"], shape["D"]
-        ref = randn(L, 1, N, D)
-        hidden = randn(L, 1, N, D, scale=0.1).add_(ref).requires_grad_(True)
-        mask = torch.ones(1, N, dtype=torch.bool, device=device)  # every token counts: N rows per layer
-        read = 2 * L * N * D * hidden.element_size()
+        L, BT, D = shape["L"], shape["BT"], shape["D"]
+        rows = span_rows(BT, shape["frac"], seed=0).to(device)  # built on the host, as the objective does
+        N = rows.numel()
+        shape["N"] = N
+        ref = randn(L, N, D)
+        # per-layer hidden states (one sequence of BT positions), close to ref on the selected rows
+        hidden = [randn(1, BT, D, scale=0.1).requires_grad_(True) for _ in range(L)]
+        with torch.no_grad():
+            for h, r in zip(hidden, ref):
+                h.view(BT, D)[rows] += r
+        elem = hidden[0].element_size()
+        read, bwd = 2 * L * N * D * elem, (2 * L * N + L * BT) * D * elem
 
         def loss_of(out):
             return out.l2.sum() + out.cos.sum()
 
         for prov in providers:
             if prov in ("triton", "torch"):
-                fwd = (lambda impl: lambda: loss_of(rep_distance(hidden, ref, mask, impl=impl)))(prov)
+                fwd = (lambda impl: lambda: loss_of(rep_distance(hidden, ref, rows, impl=impl)))(prov)
             elif prov == "compile":
                 comp = _compiled(rep_distance_torch, compile_cache)
-                fwd = lambda: loss_of(comp(hidden, ref, mask))  # noqa: E731
+                fwd = lambda: loss_of(comp(hidden, ref, rows))  # noqa: E731
             else:
                 continue
-            cases.append(Case(op, prov, shape, fwd, [hidden], read_bytes=read))
+            cases.append(Case(op, prov, shape, fwd, hidden, note=f"{N}/{BT} rows", read_bytes=read,
+                              bwd_bytes=bwd))
 
     elif op == "pairwise_cosine":
         from repbend.kernels.pairwise_cosine import BLOCK_N_MAX, pairwise_cosine_loss
@@ -181,6 +202,20 @@ def make_cases(op: str, shape: dict, providers: list[str], device, compile_cache
                 continue
             cases.append(Case(op, prov, shape, fwd, [hidden], note=note))
     return cases
+
+
+def span_rows(n_positions: int, frac: float, seed: int = 0):
+    """int64 [N]: ascending positions covering about `frac` of n_positions in spans of 16-256 (all if frac >= 1)."""
+    import torch
+
+    if frac >= 1.0:
+        return torch.arange(n_positions)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(n_positions, dtype=torch.bool)
+    while keep.sum() < frac * n_positions:
+        start = int(torch.randint(n_positions, (1,), generator=g))
+        keep[start:start + int(torch.randint(16, 257, (1,), generator=g))] = True
+    return keep.nonzero().squeeze(1)
 
 
 def _kl_full_logits(hidden, ref_hidden, weight, temperature: float):
@@ -351,7 +386,7 @@ def copy_bandwidth_gbps(dev: Device, nbytes: int = 2 * 2**30, repeats: int = 10)
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 CSV_FIELDS = ["op", "provider", "mode", "device", "dtype", "L", "N", "D", "V", "ms", "peak_mib", "read_gbps",
-              "frac_copy_bw", "status", "note"]
+              "frac_copy_bw", "status", "note", "BT", "bytes", "gbps", "mode_frac_copy_bw"]
 
 
 def providers_for(op: str, device: str, interpret: bool, use_compile: bool) -> tuple[list[str], list[str]]:
@@ -385,10 +420,11 @@ def print_table(rows: list[dict]) -> None:
     """One line per (op, shape, provider): fwd / bwd / full ms, peak MiB of full, bandwidth."""
     keyed: dict[tuple, dict] = {}
     for r in rows:
-        shape = " ".join(f"{k}={r[k]}" for k in ("L", "N", "D", "V") if r[k] != "")
+        shape = " ".join(f"{k}={r[k]}" for k in ("L", "BT", "N", "D", "V") if r[k] != "")
         key = (r["op"], shape, r["provider"])
         keyed.setdefault(key, {"note": r["note"]})[r["mode"]] = r
-    header = ["op", "shape", "provider", "fwd ms", "bwd ms", "full ms", "full MiB", "fwd GB/s", "of copy", "note"]
+    header = ["op", "shape", "provider", "fwd ms", "bwd ms", "full ms", "full MiB", "fwd GB/s", "of copy",
+              "full GB/s", "of copy", "note"]
     lines = [header]
     for (op, shape, prov), modes in keyed.items():
         cells = [op, shape, prov]
@@ -401,6 +437,10 @@ def print_table(rows: list[dict]) -> None:
         cells.append(fmt(fwd.get("read_gbps", float("nan")), 1) if fwd.get("status") == "ok" else "-")
         frac = fwd.get("frac_copy_bw", float("nan")) if fwd.get("status") == "ok" else float("nan")
         cells.append("-" if frac != frac else f"{100 * frac:.0f}%")
+        ok = full is not None and full["status"] == "ok"
+        cells.append(fmt(full["gbps"], 1) if ok else "-")
+        frac = full["mode_frac_copy_bw"] if ok else float("nan")
+        cells.append("-" if frac != frac else f"{100 * frac:.0f}%")
         cells.append(modes["note"])
         lines.append([str(c) for c in cells])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -408,6 +448,19 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_bandwidth_goal(rows: list[dict], copy_bw: float) -> None:
+    """One line per provider for rep_distance's bandwidth configuration: fwd + bwd GB/s and its share of a copy."""
+    goal = BANDWIDTH_CONFIG
+    for r in rows:
+        if (r["op"] == "rep_distance" and r["mode"] == "full" and r["status"] == "ok" and r["L"] == goal["L"]
+                and r["BT"] == goal["BT"] and r["D"] == goal["D"] and r["dtype"] == goal["dtype"]
+                and r["N"] < r["BT"]):
+            share = f" = {100 * r['gbps'] / copy_bw:.0f}% of the copy's {copy_bw:.0f} GB/s (goal >= 80%)" \
+                if copy_bw == copy_bw else ""
+            print(f"rep_distance bandwidth configuration (L={r['L']}, D={r['D']}, {r['N']} of {r['BT']} rows, "
+                  f"{r['dtype']}), {r['provider']}: fwd+bwd {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s{share}")
 
 
 def main(argv=None) -> int:
@@ -456,14 +509,20 @@ def main(argv=None) -> int:
                 continue
             for case in cases:
                 for r in run_case(case, dev, repeats):
+                    ok = r["status"] == "ok"
                     gbps = (case.read_bytes / (r["ms"] * 1e-3) / 1e9
-                            if case.read_bytes and r["mode"] == "forward" and r["status"] == "ok" else float("nan"))
+                            if case.read_bytes and r["mode"] == "forward" and ok else float("nan"))
+                    nbytes = {"forward": case.read_bytes, "backward": case.bwd_bytes,
+                              "full": case.read_bytes + case.bwd_bytes}[r["mode"]] if case.bwd_bytes else 0
+                    mode_gbps = nbytes / (r["ms"] * 1e-3) / 1e9 if nbytes and ok else float("nan")
                     rows.append({
                         "op": op, "provider": case.provider, "mode": r["mode"], "device": device,
                         "dtype": shape["dtype"], "L": shape.get("L", ""), "N": shape["N"], "D": shape["D"],
                         "V": shape.get("V", ""), "ms": r["ms"], "peak_mib": r["peak_mib"], "read_gbps": gbps,
                         "frac_copy_bw": gbps / copy_bw if copy_bw == copy_bw else float("nan"),
-                        "status": r["status"], "note": case.note,
+                        "status": r["status"], "note": case.note, "BT": shape.get("BT", ""),
+                        "bytes": nbytes or "", "gbps": mode_gbps,
+                        "mode_frac_copy_bw": mode_gbps / copy_bw if copy_bw == copy_bw else float("nan"),
                     })
                 print(f"  {op:16s} {case.provider:12s} {shape}  full "
                       f"{fmt(rows[-1]['ms'])} ms ({rows[-1]['status']})", flush=True)
@@ -479,6 +538,7 @@ def main(argv=None) -> int:
         w.writerows(rows)
     print()
     print_table(rows)
+    print_bandwidth_goal(rows, copy_bw)
     for s in dict.fromkeys(skipped_notes):
         print(f"skipped {s}")
     if device == "cpu":
