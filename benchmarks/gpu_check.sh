@@ -1,146 +1,187 @@
 #!/usr/bin/env bash
-# The GPU check, one script, under 10 minutes on one H200 (the stage time limits add up to 9 min 10 s):
-#   1. the kernel tests (pytest tests/test_rep_distance.py tests/test_pairwise_cosine.py tests/test_linear_kl.py)
-#   2. a CUDA parity check of the three kernels: impl="triton" (compiled) against impl="torch" on the GPU
-#   3. the kernel benchmark: benchmarks/bench_kernels.py --device cuda
-#   4. the end-to-end step benchmark: benchmarks/bench_step.py --model llama3-8b (few steps, each variant in its
-#      own process, the reference may be recorded as "oom")
-# then prints the tables last. Everything lands in OUT_DIR (default bench_out/gpu_check).
+# The GPU check: one call proves correctness on the device and produces every figure, in under 8 minutes on one
+# H200 (the stage limits add up to 450 s, and each stage is cut to what is left of GPU_CHECK_BUDGET, counted from
+# the start, installation included).
 #
-#   benchmarks/gpu_check.sh [OUT_DIR]              on the GPU machine
-#   benchmarks/gpu_check.sh --dry-run [OUT_DIR]    the same commands on the CPU at tiny sizes (tests the script)
+#   bash benchmarks/gpu_check.sh OUT_DIR              on the GPU machine (the image's python3 is enough: repbend is
+#                                                     installed with pip install --no-deps -e ., or imported from
+#                                                     the tree where pip cannot)
+#   bash benchmarks/gpu_check.sh --dry-run OUT_DIR    every stage that can run on the CPU, at tiny sizes
 #
-# Note on stage 1: those tests build CPU tensors and run the Triton kernels in Triton's interpreter (tests/conftest.py
-# sets TRITON_INTERPRET=1 when it is unset), so they exercise no CUDA code; they are run as they are, with
-# TRITON_INTERPRET unset. Stage 2 is what checks the compiled kernels on the GPU; stage 4 checks them again end to end
-# (repbend's loss, computed with them, against the reference recipe's plain-PyTorch loss).
-# Environment: PYTHON (default .venv/bin/python, else python), KERNEL_BENCH_ARGS (extra bench_kernels.py flags, e.g.
-# --quick), STEP_BENCH_ARGS (extra bench_step.py flags), T_TESTS / T_PARITY / T_KERNELS / T_STEP (stage limits, s).
+# Stages (each one process, under `timeout`; each writes JSON lines to OUT_DIR/results.jsonl as results come):
+#   env        benchmarks/gpu_env.py        versions, device, optional packages
+#   parity     benchmarks/gpu_parity.py     every kernel path the trainer uses, Triton vs eager vs float64
+#   attention  benchmarks/gpu_attention.py  packed = unpacked (loss, gradients) on every attention backend present
+#   kernels    benchmarks/gpu_kernels.py    rep_distance fwd+bwd bandwidth vs a device copy (+ bench_kernels.py's)
+#   step       benchmarks/bench_step.py     Llama-3-8B-shaped step: repbend, Circuit Breakers and RMU against their
+#                                           reference re-creations (tokens/s, peak GiB, MFU, same loss)
+#   dist       benchmarks/gpu_dist.py       ddp and fsdp training runs under torchrun --nproc_per_node 1
+#   kernel_tests  pytest of the kernel tests on CUDA, only with time left and pytest installed
+# then benchmarks/gpu_summary.py prints the stage table, the step table and the goal table (last).
+# OUT_DIR ends up with results.jsonl, gpu_check.log (this whole console), summary.txt (rewritten after every stage),
+# bench_kernels.csv and step_bench.png (when matplotlib is installed): five files, one folder.
+# Environment: PYTHON (default python3; .venv/bin/python in a dry run when present), GPU_CHECK_BUDGET (seconds,
+# default 450; dry run 300).
 set -u
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-OUT=${1:-bench_out/gpu_check}
-mkdir -p "$OUT"
-if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+OUT_DIR=${1:-${OUT:-bench_out/gpu_check}}
+mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
+J=$OUT_DIR/results.jsonl
+: > "$J"
+: > "$OUT_DIR/gpu_check.log"
+exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
+TEE_PID=$!
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+LINK=""
+cleanup() { rm -rf "$WORK"; [ -n "$LINK" ] && rm -f "$LINK"; }
+trap cleanup EXIT
+T0=$SECONDS
+if [ $DRY = 1 ]; then BUDGET=${GPU_CHECK_BUDGET:-300}; else BUDGET=${GPU_CHECK_BUDGET:-450}; fi
+RESERVE=8  # seconds kept for the summary
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ $DRY = 1 ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3; fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HF_HOME="$WORK/hf" TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$WORK/triton}" \
+       TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor}"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$([ $DRY = 1 ] && echo 1 || echo 8)}
 unset TRITON_INTERPRET
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-
-T_TESTS=${T_TESTS:-90}; T_PARITY=${T_PARITY:-80}; T_KERNELS=${T_KERNELS:-110}; T_STEP=${T_STEP:-270}
-if [ $DRY = 1 ]; then
-    DEVICE=cpu
-    KERNEL_ARGS="--device cpu --quick ${KERNEL_BENCH_ARGS:-}"
-    STEP_ARGS="--model tiny --device cpu --steps 1 --warmup 1 --scale 0.125 --time-budget $((T_STEP - 15)) ${STEP_BENCH_ARGS:-}"
-    PARITY_ENV="TRITON_INTERPRET=1"
-else
-    DEVICE=cuda
-    KERNEL_ARGS="--device cuda ${KERNEL_BENCH_ARGS:-}"
-    STEP_ARGS="--model llama3-8b --device cuda --steps 2 --warmup 2 --batch-size 4 --worker-timeout 150 --time-budget $((T_STEP - 15)) ${STEP_BENCH_ARGS:-}"
-    PARITY_ENV="TRITON_INTERPRET=0"
-fi
 declare -A RC
+ORDER=()
+if ! command -v timeout > /dev/null; then  # no coreutils timeout: a plain one (kills the command, not its children)
+    timeout() {
+        [[ $1 == --kill-after=* ]] && shift
+        local limit=$1; shift
+        "$@" &
+        local pid=$!
+        ( sleep "$limit"; kill -TERM $pid 2> /dev/null; sleep 5; kill -KILL $pid 2> /dev/null ) &
+        local watcher=$!
+        wait $pid
+        local rc=$?
+        kill $watcher 2> /dev/null
+        return $rc
+    }
+fi
 
-stage() {  # stage NAME LIMIT_S LOG CMD...: run with a time limit, output to the console and LOG
-    local name=$1 limit=$2 log=$3; shift 3
-    echo "=== $name (limit ${limit}s): $*"
-    local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
-    RC[$name]=${PIPESTATUS[0]}
-    echo "=== $name: exit ${RC[$name]} in $((SECONDS - t0))s"
+now() { echo $((SECONDS - T0)); }
+line() {  # line STAGE NAME STATUS SECONDS ERROR: a JSON line written by the script itself
+    printf '{"stage": "%s", "name": "%s", "status": "%s", "t": %s, "error": "%s"}\n' "$1" "$2" "$3" "$4" \
+        "$(printf '%s' "$5" | tr '"\\\n' "'/ ")" >> "$J"
+}
+stage_end() {  # stage_end STAGE EXIT SECONDS: how a stage ended (the summary's exit and time columns)
+    printf '{"stage": "%s", "name": "stage_end", "status": "ok", "t": %s, "exit": "%s"}\n' "$1" "$3" "$2" >> "$J"
+}
+summary() {  # the report from results.jsonl
+    "$PY" benchmarks/gpu_summary.py "$J" $([ $DRY = 1 ] && echo --dry-run) --out "$OUT_DIR/summary.txt"
+}
+stage() {  # stage NAME LIMIT_S CMD...: run under timeout (cut to the budget left), record how it ended
+    local name=$1 limit=$2; shift 2
+    local left=$((BUDGET - $(now) - RESERVE))
+    [ "$limit" -gt "$left" ] && limit=$left
+    ORDER+=("$name")
+    if [ "$limit" -lt 10 ]; then
+        echo "=== $name: not run (${left}s of the ${BUDGET}s budget left)"
+        line "$name" stage skipped 0 "budget spent before the stage"
+        stage_end "$name" skipped 0
+        RC[$name]=skipped
+        return
+    fi
+    echo "=== $name (limit ${limit}s, at $(now)s): $*"
+    local t=$SECONDS
+    timeout --kill-after=5 "$limit" "$@"
+    local rc=$?
+    RC[$name]=$rc
+    if [ $rc = 124 ] || [ $rc = 137 ]; then line "$name" stage timeout $((SECONDS - t)) "killed after ${limit}s"; fi
+    stage_end "$name" $rc $((SECONDS - t))
+    echo "=== $name: exit $rc in $((SECONDS - t))s"
+    summary > /dev/null 2>&1
+}
+limit_for() {  # limit_for S: S, or the budget left if less
+    local left=$((BUDGET - $(now) - RESERVE))
+    echo $(( $1 < left ? $1 : left ))
 }
 
-echo "=== environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
-$PY - <<'EOF'
-import importlib.util, torch
-print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device available: {torch.cuda.is_available()}, "
-      f"flash_attn: {bool(importlib.util.find_spec('flash_attn'))}, triton: {bool(importlib.util.find_spec('triton'))}")
-EOF
-if ! $PY -c "import repbend.kernels" 2>/dev/null; then
-    echo "repbend is not installed here: pip install --no-deps -e ."
-    $PY -m pip install -q --no-deps --no-build-isolation -e . || echo "install failed; the stages below will say why"
+echo "=== gpu_check $([ $DRY = 1 ] && echo '(dry run) ')at $(date -u +%FT%TZ): python $PY, output $OUT_DIR," \
+     "budget ${BUDGET}s"
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader 2>/dev/null \
+    || echo "(no nvidia-smi)"
+if ! "$PY" -c "import repbend.kernels, repbend.loss" 2>/dev/null; then
+    echo "=== installing repbend: pip install --no-deps -e . (no index, no build isolation)"
+    if ! timeout 60 "$PY" -m pip install -q --no-deps --no-index --no-build-isolation -e . \
+        || ! "$PY" -c "import repbend.kernels, repbend.loss" 2>/dev/null; then
+        # repbend.kernels lives in kernels/ (setup.py's package_dir): a link makes the tree importable as it is
+        echo "=== pip could not install repbend: importing it from the tree (repbend/kernels -> ../kernels)"
+        if [ ! -e repbend/kernels ]; then ln -s ../kernels repbend/kernels && LINK=$ROOT/repbend/kernels; fi
+        export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    fi
 fi
 
-stage kernel_tests "$T_TESTS" "$OUT/kernel_tests.log" \
-    $PY -m pytest -q -p no:cacheprovider tests/test_rep_distance.py tests/test_pairwise_cosine.py tests/test_linear_kl.py
-
-cat > "$OUT/parity.py" <<'EOF'
-"""impl="triton" against impl="torch" on one device, fp32 and bf16, forward values and input gradients."""
-import sys
-
-import torch
-
-from repbend.kernels import linear_kl, pairwise_cosine_loss, rep_distance
-
-device, small = sys.argv[1], sys.argv[2] == "small"
-D, V, T = (64, 1000, 16) if small else (4096, 128256, 512)
-L, B, N = (3, 2, 8) if small else (11, 8, 16)
-g = torch.Generator(device="cpu").manual_seed(0)
-tol = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
-failed = 0
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def compare(name, fn, inputs, dtype):
-    global failed
-    outs = {}
-    for impl in ("torch", "triton"):
-        xs = [x.detach().clone().requires_grad_(x.is_floating_point() and i == 0) for i, x in enumerate(inputs)]
-        y = fn(*xs, impl)
-        y.backward()
-        outs[impl] = (y.detach(), xs[0].grad)
-    e_val, e_grad = rel(outs["triton"][0], outs["torch"][0]), rel(outs["triton"][1], outs["torch"][1])
-    ok = e_val <= tol[dtype] and e_grad <= tol[dtype]
-    failed += not ok
-    print(f"  {name:15s} {str(dtype):15s} value rel err {e_val:.1e}  grad rel err {e_grad:.1e}  {'ok' if ok else 'FAIL'}")
-
-
-def randn(*shape, dtype):
-    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-
-for dtype in (torch.float32, torch.bfloat16):
-    h, r = randn(L, B, T, D, dtype=dtype), randn(L, B, T, D, dtype=dtype)
-    mask = (torch.rand(B, T, generator=g) < 0.6).to(device)
-    compare("rep_distance", lambda h, r, m, impl: rep_distance(h, r, m, impl=impl).l2.sum(), [h, r, mask], dtype)
-    compare("pairwise_cosine", lambda x, impl: pairwise_cosine_loss(x, impl=impl), [randn(L, N, D, dtype=dtype)], dtype)
-    ref = randn(N * 16, D, dtype=dtype)
-    w = randn(V, D, dtype=dtype) / D**0.5
-    compare("linear_kl", lambda x, r, w, impl: linear_kl(x, r, w, 2.0, impl=impl),
-            [ref + 0.3 * randn(N * 16, D, dtype=dtype), ref, w], dtype)
-print("parity: " + ("OK" if not failed else f"{failed} FAILED"))
-sys.exit(1 if failed else 0)
-EOF
-stage cuda_parity "$T_PARITY" "$OUT/parity.log" env $PARITY_ENV $PY "$OUT/parity.py" "$DEVICE" \
-    "$([ $DRY = 1 ] && echo small || echo full)"
-
-if [ -f benchmarks/bench_kernels.py ]; then
-    stage kernel_bench "$T_KERNELS" "$OUT/kernel_bench.log" \
-        $PY benchmarks/bench_kernels.py $KERNEL_ARGS --output "$OUT/kernels"
+if [ $DRY = 1 ]; then
+    DEV=cpu; INTERP="env TRITON_INTERPRET=1"; SMALL=--small
 else
-    echo "=== kernel_bench: benchmarks/bench_kernels.py is not in this tree; skipped"; RC[kernel_bench]=skipped
+    DEV=cuda; INTERP=""; SMALL=""
 fi
 
-stage step_bench "$T_STEP" "$OUT/step_bench.log" \
-    $PY benchmarks/bench_step.py $STEP_ARGS --output "$OUT/step"
+stage env 25 "$PY" benchmarks/gpu_env.py --jsonl "$J"
+
+# each stage's own (soft) time limit sits a little under the hard one: what does not fit is recorded as skipped
+L=$(limit_for 70)
+stage parity $L $INTERP "$PY" benchmarks/gpu_parity.py --device $DEV $SMALL --jsonl "$J" --time-limit $((L - 8))
+
+if [ $DRY = 1 ]; then
+    ATTN_EXTRA="--skip flex_attention"  # its CPU compile takes ~20 s; tests/test_attention_layouts.py covers it
+else
+    ATTN_EXTRA=""
+fi
+L=$(limit_for 55)
+stage attention $L "$PY" benchmarks/gpu_attention.py --device $DEV --jsonl "$J" --time-limit $((L - 8)) $ATTN_EXTRA
+
+L=$(limit_for 55)
+stage kernels $L $INTERP "$PY" benchmarks/gpu_kernels.py --device $DEV $SMALL --jsonl "$J" --csv-out "$OUT_DIR" \
+    --time-limit $((L - 8))
+
+if [ $DRY = 1 ]; then
+    STEP_ARGS="--model tiny --device cpu --scale 0.125 --steps 1 --warmup 1 --in-process
+               --variants repbend,reference,circuit_breakers,cb_reference,rmu,rmu_reference"
+else
+    STEP_ARGS="--model llama3-8b --device cuda --steps 2 --warmup 1 --worker-timeout 110"
+fi
+L=$(limit_for 200)
+stage step $L "$PY" benchmarks/bench_step.py $STEP_ARGS --time-budget $((L - 12)) --output "$WORK/step" --jsonl "$J"
+[ -f "$WORK/step/step_bench.png" ] && cp "$WORK/step/step_bench.png" "$OUT_DIR/"
+[ -f "$WORK/step/table.txt" ] && cat "$WORK/step/table.txt"
+
+L=$(limit_for 45)
+stage dist $L "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/gpu_dist.py --jsonl "$J" \
+    --time-limit $((L - 8)) --work "$WORK/dist" $([ $DRY = 1 ] && echo "--methods repbend --steps 2")
+
+left=$((BUDGET - $(now) - RESERVE))
+if [ $DRY = 1 ]; then
+    line kernel_tests pytest skipped 0 "dry run: the suite runs these tests on the CPU"
+elif ! "$PY" -c "import pytest" 2>/dev/null; then
+    line kernel_tests pytest skipped 0 "pytest is not installed"
+elif [ $left -lt 40 ]; then
+    line kernel_tests pytest skipped 0 "${left}s left"
+else
+    stage kernel_tests $((left - 2)) "$PY" -m pytest -q -x -p no:cacheprovider tests/test_rep_distance.py \
+        tests/test_pairwise_cosine.py tests/test_linear_kl.py
+    case "${RC[kernel_tests]}" in
+        0) line kernel_tests pytest ok 0 "" ;;
+        124|137) ;;
+        *) line kernel_tests pytest fail 0 "pytest exit ${RC[kernel_tests]}: see gpu_check.log" ;;
+    esac
+fi
 
 echo
-echo "################ tables ################"
-echo "--- kernel tests (CPU tensors, Triton interpreter): $(grep -E '(passed|failed|error)' "$OUT/kernel_tests.log" | tail -1)"
-echo "--- kernel parity on $DEVICE:"
-grep -E '^  |parity:' "$OUT/parity.log" || tail -5 "$OUT/parity.log"
-if [ -f "$OUT/kernel_bench.log" ]; then
-    echo "--- kernel benchmark (table; full log in $OUT/kernel_bench.log):"
-    TABLE=$(awk '/^op +shape/{p=1} p' "$OUT/kernel_bench.log")
-    if [ -n "$TABLE" ]; then echo "$TABLE" | head -60; else tail -40 "$OUT/kernel_bench.log"; fi
-fi
-echo "--- step benchmark ($OUT/step):"
-if [ -f "$OUT/step/table.txt" ]; then cat "$OUT/step/table.txt"; else tail -30 "$OUT/step_bench.log"; fi
-echo "--- exit codes: $(for k in kernel_tests cuda_parity kernel_bench step_bench; do printf '%s=%s ' "$k" "${RC[$k]:-?}"; done)"
-for k in kernel_tests cuda_parity kernel_bench step_bench; do
-    case "${RC[$k]:-1}" in 0|skipped) ;; *) exit 1 ;; esac
+summary
+STATUS=0
+for k in "${ORDER[@]}"; do
+    case "${RC[$k]}" in 0|skipped) ;; *) STATUS=1 ;; esac
 done
-exit 0
+echo "=== gpu_check done in $(now)s, exit $STATUS"
+exec 1>&- 2>&-
+wait $TEE_PID 2>/dev/null
+exit $STATUS

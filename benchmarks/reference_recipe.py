@@ -1,6 +1,6 @@
-"""A cost-faithful re-creation of the published RepBend step (REFERENCE.md, "What the reference implementation
-spends"), for benchmarks only. It computes the same loss as `repbend.loss.RepBendLoss` on the same
-micro-batch, the way the reference code spends time and memory:
+"""A cost-faithful re-creation of the published RepBend step (docs/method.md, "Deliberate differences": what the
+reference implementation spends), for benchmarks only. It computes the same loss as `repbend.loss.RepBendLoss` on
+the same micro-batch, the way the reference code spends time and memory:
 
 - six forwards per step: reference (adapters off, eval, no_grad) then LoRA, for safe, unsafe and retain separately,
   each through the full causal LM (`model(...)`): every pass computes full-vocabulary logits, upcast to fp32 as
@@ -16,7 +16,8 @@ micro-batch, the way the reference code spends time and memory:
 Each stack and logit tensor is dropped as soon as its term is computed: code that keeps them as locals until the
 loss returns holds more than what is measured here.
 
-The reference's known defects (REFERENCE.md) are not reproduced: this is its cost with this project's semantics.
+The reference's known defects (docs/method.md, "Defects of the reference implementation") are not reproduced: this
+is its cost with this project's semantics.
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def _masked_distance(h_lora, h_ref, mask):
 
 
 def reference_loss(model, rb: ReferenceBatch, loss: LossConfig, n_layers: int, mark=None):
-    """The five terms of REFERENCE.md from six separate forwards. Returns (total, {term: value or None}).
+    """The five terms of docs/method.md ("The RepBend loss") from six separate forwards. Returns (total, {term: value
+    or None}).
     `model` is the PEFT model, in train mode; `rb` is on its device. `mark(phase)`, when given, is called at the
     end of each phase ("ref_forward", "lora_forward", "terms", "gc") for the benchmark's timers."""
     device = rb.retain_ids.device

@@ -1,12 +1,35 @@
-"""The workload of benchmarks/bench_step.py: the model shapes (random weights from a config), the recipe's
-settings scaled to each shape, and synthetic micro-batches whose lengths follow the public data sets."""
+"""The workload of benchmarks/bench_step.py: the model shapes (random weights from a config), each method's recipe
+scaled to each shape, and synthetic micro-batches whose lengths follow the public data sets.
+
+Methods and their variants (each method is measured against its own re-creation of the reference code):
+    repbend           repbend, repbend+padded | reference, reference+dynpad   (benchmarks/reference_recipe.py)
+    circuit_breakers  circuit_breakers        | cb_reference                  (benchmarks/reference_baselines.py)
+    rmu               rmu                     | rmu_reference                 (benchmarks/reference_baselines.py)
+Recipes at n decoder layers (the published 32-layer values at the same relative depth):
+    repbend           U = floor(20n/32) .. floor(30n/32); LoRA r 16 on layers 0..max(U)
+    circuit_breakers  C = floor(18n/32), floor(29n/32), floor(20n/32) .. floor(30n/32) (the published list, its
+                      duplicate kept); R = all indices; cb_alpha 10; P = 2048 (x --scale); LoRA on 0..max(C)
+    rmu               L = max(3, floor(7n/32)); trained: mlp.down_proj.weight of decoder layers L-2 .. L (5..7 of 32)
+Micro-batches: RepBend's composition (2B safe, 2B unsafe, B retain); Circuit Breakers and RMU: B forget rows and B
+retain-side rows (WildGuardMix safe + WildJailbreak refusals + UltraChat), from the sampler's own composition.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-VARIANTS = ("repbend", "repbend+padded", "reference", "reference+dynpad")
+METHODS = ("repbend", "circuit_breakers", "rmu")
+# run order: each method with its reference first (the figures that matter when time runs out), the layouts after
+VARIANTS = ("repbend", "reference", "circuit_breakers", "cb_reference", "rmu", "rmu_reference", "repbend+padded",
+            "reference+dynpad")
+METHOD_OF = {"repbend": "repbend", "repbend+padded": "repbend", "reference": "repbend", "reference+dynpad": "repbend",
+             "circuit_breakers": "circuit_breakers", "cb_reference": "circuit_breakers", "rmu": "rmu",
+             "rmu_reference": "rmu"}
+REFERENCE_OF = {"repbend": "reference", "circuit_breakers": "cb_reference", "rmu": "rmu_reference"}
+BATCH_GPU = {"repbend": 4, "circuit_breakers": 4, "rmu": 16}  # the recipes' per-device micro-batch B
 PAD_ID, FIRST_ID = 0, 1   # token 0 pads; data ids are drawn from [FIRST_ID, vocab)
+EOS_ID = FIRST_ID + 1     # the models' EOS: Circuit Breakers' reference pads with it (its embedding is not the zero
+                          # row of PAD_ID, so its left padding gives no zero hidden state, whose cos would be 0/0)
 PACK_LENGTH = 1024
 LORA_B_STD = 0.02
 
@@ -44,9 +67,54 @@ def lora_layers(n_layers: int) -> list[int]:
     return list(range(min(max(target_layers(n_layers)), n_layers - 1) + 1))
 
 
-def build_model(spec: ModelSpec, device, dtype, attn: str, checkpointing: bool, lora_dropout: float, seed: int):
-    """The base model from `spec` with random weights (built on `device`), plus fresh LoRA r=16 on all 7 projections.
-    Returns (peft model, n_layers, N = parameters counted by the MFU)."""
+def cb_layers(n_layers: int) -> list[int]:
+    """Circuit Breakers' C: the published "18,29,20-30" of 32 at the same relative depth (duplicates kept)."""
+    n = n_layers
+    return [18 * n // 32, 29 * n // 32] + list(range(20 * n // 32, 30 * n // 32 + 1))
+
+
+def rmu_layer(n_layers: int) -> int:
+    """RMU's hidden-state index L: 7 of 32 (at least 3, so that two layers below it train)."""
+    return min(n_layers, max(3, 7 * n_layers // 32))
+
+
+def rmu_update_layers(n_layers: int) -> list[int]:
+    """RMU's trained decoder layers: L-2 .. L (5, 6, 7 of 32; layer L never runs, the reference's quirk)."""
+    L = rmu_layer(n_layers)
+    return [i for i in range(L - 2, L + 1) if 0 <= i < n_layers]
+
+
+def adapter_layers(method: str, n_layers: int) -> list[int] | None:
+    """Decoder layers with LoRA adapters (None: RMU trains full weights)."""
+    if method == "rmu":
+        return None
+    top = max(cb_layers(n_layers) if method == "circuit_breakers" else target_layers(n_layers))
+    return list(range(min(top, n_layers - 1) + 1))
+
+
+def loss_config(method: str, n_layers: int, scale: float = 1.0, eta: float = 0.0):
+    """The method's recipe (module docstring) for a model with `n_layers` decoder layers."""
+    from repbend.loss import LossConfig
+    if method == "repbend":
+        return LossConfig(target_layers=target_layers(n_layers), eta=eta)
+    if method == "circuit_breakers":
+        return LossConfig(method="circuit_breakers", target_layers=cb_layers(n_layers),
+                          cb_retain_pad_length=max(2, round(2048 * scale)))
+    if method == "rmu":
+        return LossConfig(method="rmu", rmu_layer=rmu_layer(n_layers), rmu_update_layers=rmu_update_layers(n_layers))
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def n_params_counted(model) -> int:
+    """N of the MFU: the decoder layers and the final norm, neither embedding table (the input embeddings are a
+    lookup, and no pass applies the LM head to every token)."""
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+
+
+def build_model(spec: ModelSpec, device, dtype, attn: str, checkpointing: bool, lora_dropout: float, seed: int,
+                method: str = "repbend"):
+    """The base model from `spec` with random weights (built on `device`), plus fresh LoRA r=16 on all 7 projections
+    of the method's adapter layers (none for rmu: the plain model). Returns (model, n_layers, N of the MFU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -59,15 +127,18 @@ def build_model(spec: ModelSpec, device, dtype, attn: str, checkpointing: bool, 
                      num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
                      max_position_embeddings=spec.max_positions, rope_theta=spec.rope_theta, rms_norm_eps=1e-5,
                      tie_word_embeddings=False, attention_dropout=0.0, pad_token_id=PAD_ID, bos_token_id=FIRST_ID,
-                     eos_token_id=FIRST_ID + 1, **extra)
+                     eos_token_id=EOS_ID, **extra)
     torch.manual_seed(seed)
     with torch.device(device):
         model = model_cls._from_config(config, dtype=dtype, attn_implementation=attn)
     model.eval()
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    n_params = n_params_counted(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = attach_lora(model, LoraSettings(r=16, alpha=16, dropout=lora_dropout), lora_layers(spec.layers))
+    layers = adapter_layers(method, spec.layers)
+    if layers is None:
+        return model.to(device), spec.layers, n_params
+    model = attach_lora(model, LoraSettings(r=16, alpha=16, dropout=lora_dropout), layers)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # B = 0 would make h' == h: move it so that every loss term is exercised
         for name, p in model.named_parameters():
@@ -129,11 +200,19 @@ def synthetic_pools(vocab: int, batch_size: int, seed: int, scale: float = 1.0):
     return Pools(safe, unsafe, pairs, retain, report)
 
 
-def micro_batches(vocab: int, batch_size: int, seed: int, count: int, scale: float = 1.0) -> list:
+def micro_batches(vocab: int, batch_size: int, seed: int, count: int, scale: float = 1.0,
+                  method: str = "repbend") -> list:
+    """`count` micro-batches of the trainer's sampler for `method` over the synthetic pools."""
+    import dataclasses
+
     from repbend.data.sampler import MicroBatchSampler
 
     pools = synthetic_pools(vocab, batch_size, seed, scale)
-    sampler = MicroBatchSampler(pools, batch_size, seed, group_by_length=True)
+    if method != "repbend":
+        pools = dataclasses.replace(pools, method=method)
+        sampler = MicroBatchSampler(pools, batch_size, seed, group_by_length=True, method=method)
+    else:
+        sampler = MicroBatchSampler(pools, batch_size, seed, group_by_length=True)
     return [sampler(i) for i in range(count)]
 
 

@@ -1,11 +1,14 @@
 """`repbend bench`: the end-to-end step benchmark, `benchmarks/bench_step.py` of the source checkout.
 
-    repbend bench --model tiny|small|llama3-8b|mistral-7b --steps N --output DIR
+    repbend bench --model tiny|small|llama3-8b|mistral-7b [--methods repbend,circuit_breakers,rmu] --steps N
+                  --output DIR
 
+Each method's shipped step (RepBend, Circuit Breakers, RMU) against its own re-creation of the reference code's step
+(its passes, padding and stacked hidden states): useful tokens/s, peak memory, MFU on a GPU, and the same loss.
 Takes the same arguments as `python benchmarks/bench_step.py` (`repbend bench --help` lists them) and writes
-DIR/results.json, results.csv, table.txt and step_bench.png. The benchmark (and its re-creation of the reference
-recipe) lives with the other benchmarks, not in the installed package: this entry needs the source tree, which an
-editable install (`pip install -e .`, what `make install` does) provides.
+DIR/results.json, results.csv, table.txt and step_bench.png (when matplotlib is installed). The benchmark and its
+re-creations of the reference code live with the other benchmarks, not in the installed package: this entry needs
+the source tree, which an editable install (`pip install -e .`, what `make install` does) provides.
 """
 from __future__ import annotations
 

@@ -1,0 +1,217 @@
+"""One training step of each variant of benchmarks/bench_step.py, on the same model, micro-batch and optimizer
+settings (AdamW lr 1e-5, clip 1.0, over the method's trained tensors):
+
+  repbend, circuit_breakers, rmu   the trainer's step as shipped: `RepBendLoss(cfg)` collate (sequences packed
+                                   into rows of at most PACK_LENGTH tokens) + loss + backward + clip + AdamW step
+  repbend+padded                   RepBend with one row per sequence, padded to the micro-batch's longest
+  reference, reference+dynpad      benchmarks/reference_recipe.py (fixed 512/512/1024 padding; per-set longest)
+  cb_reference, rmu_reference      benchmarks/reference_baselines.py
+Circuit Breakers' coefficient schedule reads progress = (k + 1) / CB_MAX_STEPS at step k, the same in both of its
+variants. A step returns (loss tensor, {term: tensor}, useful tokens, positions per pass).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from step_workload import EOS_ID, METHOD_OF, PACK_LENGTH, PAD_ID
+
+CB_MAX_STEPS = 150  # the published recipe's step count
+RMU_START_SEED = 1234
+RMU_START_STD = 0.05
+
+
+def perturb(params, seed: int) -> None:
+    """RMU's trained tensors start at w + N(0, (RMU_START_STD * std(w))^2), drawn the same in both RMU variants (as
+    LoRA B starts off zero): with w untouched h' == h and the retain term would be 0 at the checked step."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            noise = torch.randn(p.shape, generator=g) * (RMU_START_STD * float(p.float().std()))
+            p.add_(noise.to(p.device, p.dtype))
+
+
+class Phases:
+    """Host-side time per phase of a step; `sync` makes it meaningful on GPU (and costs a little there)."""
+
+    def __init__(self, sync):
+        self.sync, self.acc, self.t = sync, {}, time.perf_counter()
+
+    def start(self):
+        self.sync()
+        self.t = time.perf_counter()
+
+    def mark(self, name):
+        self.sync()
+        now = time.perf_counter()
+        self.acc[name] = self.acc.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def make_step(variant: str, model, loss_cfg, n_layers: int, device, autocast, phases: Phases, scale: float = 1.0):
+    """A function (micro, k) -> (loss, parts, useful tokens, positions per pass) doing one full step of `variant`.
+    Builds the optimizer over the variant's trained tensors (RMU: `prepare` runs here, before any update)."""
+    import torch
+
+    from repbend.loss import RepBendLoss
+
+    method = METHOD_OF[variant]
+    loss_fn = RepBendLoss(loss_cfg)
+    rmu_ref = None
+    if variant == "rmu_reference":
+        from reference_baselines import RMUReference
+        rmu_ref = RMUReference(loss_cfg)
+        params = rmu_ref.prepare(model)
+    elif method == "rmu":
+        params = loss_fn.prepare(model)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    if method == "rmu":
+        perturb(params, RMU_START_SEED)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)  # the recipes
+
+    def finish():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # the optimizer's tensors only (RMU's reference keeps the others')
+        phases.mark("optimizer")
+
+    def progress(k):
+        return (k + 1) / CB_MAX_STEPS
+
+    if variant in ("repbend", "repbend+padded", "circuit_breakers", "rmu"):
+        pack = None if variant == "repbend+padded" else round(PACK_LENGTH * scale)
+
+        def step(micro, k):
+            phases.start()
+            batch = loss_fn.collate(micro, PAD_ID, pack).to(device)
+            phases.mark("collate")
+            with autocast:
+                terms = loss_fn(model, batch, progress=progress(k))
+                phases.mark("loss_terms")
+                terms.total.backward()
+            phases.mark("backward")
+            finish()
+            return terms.total.detach(), terms.parts, batch.useful_tokens, batch.input_ids.numel()
+        return step
+
+    from reference_recipe import free_memory
+
+    if variant == "cb_reference":
+        from reference_baselines import CBWidths, build_cb_batch, cb_reference_loss
+        widths = CBWidths(*(max(1, round(w * scale)) for w in (CBWidths.request, CBWidths.response)))
+
+        def step(micro, k):
+            phases.start()
+            cb = build_cb_batch(micro, loss_cfg, EOS_ID, widths).to(device)  # the reference pads with EOS
+            phases.mark("collate")
+            with autocast:
+                total, parts = cb_reference_loss(model, cb, loss_cfg, n_layers, progress(k), mark=phases.mark)
+                total.backward()
+            phases.mark("backward")
+            free_memory(device)
+            phases.mark("gc")
+            finish()
+            return total.detach(), parts, cb.useful_tokens, cb.positions
+        return step
+
+    if variant == "rmu_reference":
+        from reference_baselines import build_rmu_batch
+
+        def step(micro, k):
+            phases.start()
+            rb = build_rmu_batch(micro, PAD_ID).to(device)
+            phases.mark("collate")
+            with autocast:
+                total, parts = rmu_ref.loss(model, rb, mark=phases.mark)
+                total.backward()
+            phases.mark("backward")
+            finish()
+            return total.detach(), parts, rb.useful_tokens, rb.positions
+        return step
+
+    from reference_recipe import DYNAMIC, FIXED, Padding, build_reference_batch, reference_loss
+    padding = DYNAMIC if variant == "reference+dynpad" else Padding(*(round(w * scale) for w in
+                                                                      (FIXED.request, FIXED.response, FIXED.retain)))
+
+    def step(micro, k):
+        phases.start()
+        rb = build_reference_batch(micro, loss_cfg, PAD_ID, padding).to(device)
+        phases.mark("collate")
+        with autocast:
+            total, parts = reference_loss(model, rb, loss_cfg, n_layers, mark=phases.mark)
+            total.backward()
+        phases.mark("backward")
+        free_memory(device)                                                  # 8
+        phases.mark("gc")
+        finish()
+        return total.detach(), parts, rb.useful_tokens, rb.positions
+    return step
+
+
+def positions_of(variant: str, micro, loss_cfg, scale: float) -> int:
+    """Positions one pass of `variant` computes for `micro` (no model): its layout's padding."""
+    from repbend.loss.batch import collate
+
+    if variant in ("repbend", "circuit_breakers", "rmu"):
+        return collate(micro, loss_cfg, PAD_ID, round(PACK_LENGTH * scale)).input_ids.numel()
+    if variant == "repbend+padded":
+        return collate(micro, loss_cfg, PAD_ID).input_ids.numel()
+    if variant == "cb_reference":
+        from reference_baselines import CBWidths, build_cb_batch
+        widths = CBWidths(*(max(1, round(w * scale)) for w in (CBWidths.request, CBWidths.response)))
+        return build_cb_batch(micro, loss_cfg, EOS_ID, widths).positions
+    if variant == "rmu_reference":
+        from reference_baselines import build_rmu_batch
+        return build_rmu_batch(micro, PAD_ID).positions
+    from reference_recipe import DYNAMIC, FIXED, Padding, build_reference_batch
+    padding = DYNAMIC if variant == "reference+dynpad" else Padding(*(round(w * scale) for w in
+                                                                      (FIXED.request, FIXED.response, FIXED.retain)))
+    return build_reference_batch(micro, loss_cfg, PAD_ID, padding).positions
+
+
+@contextlib.contextmanager
+def dropout_off(model):
+    """Dropout p = 0 (train mode kept): step 0 gives the same loss in every variant of a method."""
+    import torch
+    saved = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m, _ in saved:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in saved:
+            m.p = p
+
+
+@contextlib.contextmanager
+def timed_passes(phases: Phases, method: str):
+    """Split the loss of the shipped objective into its reference pass, trained pass and terms in the phase timers
+    (restored on exit)."""
+    import importlib
+
+    module = importlib.import_module({"repbend": "repbend.loss.objective",
+                                      "circuit_breakers": "repbend.loss.circuit_breakers",
+                                      "rmu": "repbend.loss.rmu"}[method])
+
+    def wrap(fn, name):
+        def timed(*a, **k):
+            phases.mark("loss_terms")
+            out = fn(*a, **k)
+            phases.mark(name)
+            return out
+        return timed
+    targets = [(module, "trained_pass", "lora_forward")]
+    if method == "rmu":
+        targets.append((module.RMUObjective, "_reference", "ref_forward"))
+    else:
+        targets.append((module, "reference_pass", "ref_forward"))
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
+    for owner, attr, name in targets:
+        setattr(owner, attr, wrap(getattr(owner, attr), name))
+    try:
+        yield
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
