@@ -55,7 +55,8 @@ def lens_views(model, tokenizer, prompt: str, response_prefix: str = "", max_tok
 
 
 def plot_lens(views: dict, path, title: str = "") -> None:
-    """One heatmap per view, side by side, sharing the entropy colour scale; writes a PNG."""
+    """One heatmap per view, one above the other (same tokens, so the columns line up), sharing the entropy
+    colour scale; writes a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,14 +65,14 @@ def plot_lens(views: dict, path, title: str = "") -> None:
     first = next(iter(views.values()))
     L, T = first["entropy"].shape
     vmax = max(float(v["entropy"].max()) for v in views.values()) or 1.0
-    fig, axes = plt.subplots(1, len(views), figsize=(max(6.0, 0.75 * T) * len(views), max(4.0, 0.32 * L + 2)),
+    fig, axes = plt.subplots(len(views), 1, figsize=(max(6.0, 0.62 * T + 2), max(2.6, 0.34 * L + 1.8) * len(views)),
                              squeeze=False)
-    for ax, (name, v) in zip(axes[0], views.items()):
+    for ax, (name, v) in zip(axes[:, 0], views.items()):
         im = ax.imshow(v["entropy"].numpy(), aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=vmax)
         for i in range(L):
             for t in range(T):
                 shade = float(v["entropy"][i, t]) / vmax
-                ax.text(t, i, v["top"][i][t], ha="center", va="center", fontsize=6,
+                ax.text(t, i, v["top"][i][t], ha="center", va="center", fontsize=7,
                         color="black" if shade > 0.6 else "white")
         ax.set_xticks(range(T), v["tokens"], rotation=90, fontsize=7)
         ax.set_yticks(range(L), [str(i) for i in range(L)], fontsize=7)
