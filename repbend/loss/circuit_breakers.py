@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..model import decoder_layers
 from .batch import StepBatch
 from .config import LossConfig
-from .passes import reference_pass, trained_pass
+from .passes import gathered_reference, trained_pass
 from .terms import LossTerms, check_layers, trainable_parameters
 
 
@@ -78,18 +78,9 @@ class CircuitBreakersObjective:
         times = Counter(C)
         C_once = sorted(times)
         reads = {"retain": (R, "retain"), "cb": (C_once, "forget")}
-        wanted: dict[int, list] = {}
-        for term, (layers, key) in reads.items():
-            if use[term]:
-                for i in layers:
-                    wanted.setdefault(i, []).append((term, ix[key]))
-        ref: dict[str, dict[int, torch.Tensor]] = {}
-        if wanted:
-            kept = reference_pass(model, batch, {i: tuple(idx for _, idx in w) for i, w in wanted.items()})
-            for i, w in wanted.items():
-                for (term, _), rows in zip(w, kept[i]):
-                    ref.setdefault(term, {})[i] = rows
-        hs = trained_pass(model, batch, sorted(wanted)) if wanted else {}
+        ref = gathered_reference(model, batch, {t: (layers, ix[key]) for t, (layers, key) in reads.items() if use[t]})
+        needed = sorted({i for t, (layers, _) in reads.items() if use[t] for i in layers})
+        hs = trained_pass(model, batch, needed) if needed else {}
 
         parts: dict[str, torch.Tensor | None] = dict.fromkeys(self.TERMS)
         if use["retain"]:

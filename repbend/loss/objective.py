@@ -21,7 +21,7 @@ from repbend.kernels import linear_kl, pairwise_cosine_loss, rep_distance
 from ..model import decoder_layers, lm_head, unwrap
 from .batch import StepBatch
 from .config import LossConfig
-from .passes import reference_pass, trained_pass
+from .passes import gathered_reference, trained_pass
 from .terms import LossTerms, check_layers, trainable_parameters
 
 
@@ -55,18 +55,7 @@ class RepBendObjective:
             "pair": cfg.eta != 0 and batch.pair_len > 0,
         }
         reads = {"safe": (S, "safe"), "unsafe": (U, "unsafe"), "pair": (U, "pair_ref"), "kl": ([n_layers], "retain")}
-        # what the reference pass keeps: per index, the gathered rows of each term that reads it
-        wanted: dict[int, list] = {}
-        for term, (layers, key) in reads.items():
-            if use[term]:
-                for i in layers:
-                    wanted.setdefault(i, []).append((term, ix[key]))
-        ref: dict[str, dict[int, torch.Tensor]] = {}
-        if wanted:
-            kept = reference_pass(model, batch, {i: tuple(idx for _, idx in w) for i, w in wanted.items()})
-            for i, w in wanted.items():
-                for (term, _), rows in zip(w, kept[i]):
-                    ref.setdefault(term, {})[i] = rows
+        ref = gathered_reference(model, batch, {t: (layers, ix[key]) for t, (layers, key) in reads.items() if use[t]})
 
         need = set()
         if use["safe"]:

@@ -123,3 +123,21 @@ def trained_pass(model, batch, indices) -> dict[int, torch.Tensor]:
     with HiddenCapture(model, {i: None for i in indices}, batch.shape) as cap:
         run_backbone(model, batch, max(indices))
     return cap.kept
+
+
+def gathered_reference(model, batch, reads: dict[str, tuple[list[int], torch.Tensor]]
+                       ) -> dict[str, dict[int, torch.Tensor]]:
+    """One reference pass for several terms: `reads` maps a term to (hidden-state indices, flat row indices);
+    returns term -> index -> the gathered rows `[n_rows, D]`. Empty `reads`: no pass."""
+    wanted: dict[int, list] = {}  # per hidden-state index, the rows of each term that reads it
+    for term, (layers, idx) in reads.items():
+        for i in layers:
+            wanted.setdefault(i, []).append((term, idx))
+    if not wanted:
+        return {}
+    kept = reference_pass(model, batch, {i: tuple(idx for _, idx in w) for i, w in wanted.items()})
+    ref: dict[str, dict[int, torch.Tensor]] = {}
+    for i, w in wanted.items():
+        for (term, _), rows in zip(w, kept[i]):
+            ref.setdefault(term, {})[i] = rows
+    return ref
