@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from kernel_timing import Device, _is_oom, copy_bandwidth_gbps, run_case  # this folder is on sys.path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -245,146 +245,6 @@ def liger_available() -> tuple[bool, str]:
     return True, ""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Timing and memory
-# ----------------------------------------------------------------------------------------------------------------
-class Device:
-    def __init__(self, kind: str):
-        import torch
-
-        self.torch = torch
-        self.kind = kind
-        self.device = torch.device(kind)
-
-    def sync(self):
-        if self.kind == "cuda":
-            self.torch.cuda.synchronize()
-
-    def time_ms(self, fn, setup=None) -> float:
-        """Milliseconds of one fn() (setup() runs first, untimed)."""
-        if setup is not None:
-            setup()
-        if self.kind == "cuda":
-            start = self.torch.cuda.Event(enable_timing=True)
-            end = self.torch.cuda.Event(enable_timing=True)
-            self.sync()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    def clean(self):
-        gc.collect()
-        if self.kind == "cuda":
-            self.torch.cuda.empty_cache()
-        elif _LIBC is not None:
-            _LIBC.malloc_trim(0)  # hand freed heap back to the OS, so that RSS growth sees the next peak
-
-    def peak_mib(self, fn, setup=None) -> float:
-        """Peak memory above the starting point while fn() runs (MiB); NaN where it cannot be measured."""
-        if setup is not None:
-            setup()
-        self.sync()
-        if self.kind == "cuda":
-            self.torch.cuda.reset_peak_memory_stats()
-            base = self.torch.cuda.memory_allocated()
-            fn()
-            self.sync()
-            return (self.torch.cuda.max_memory_allocated() - base) / 2**20
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        except OSError:
-            return float("nan")
-        base = _status_kib("VmRSS")
-        fn()
-        return (_status_kib("VmHWM") - base) / 1024
-
-
-def _load_libc():
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc only
-        return libc
-    except Exception:  # noqa: BLE001 - not glibc: RSS numbers are rougher
-        return None
-
-
-_LIBC = _load_libc()
-
-
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _is_oom(e: BaseException) -> bool:
-    return "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
-
-
-def run_case(case: Case, dev: Device, repeats: int) -> list[dict]:
-    """Rows (one per mode) with ms, peak MiB and status for one case."""
-    state: dict = {}
-
-    def reset_grads():
-        for p in case.params:
-            p.grad = None
-
-    def prepare_backward():  # one forward, retained; each timed backward reuses it
-        reset_grads()
-        if "loss" not in state:
-            state["loss"] = case.forward()
-        dev.sync()
-
-    modes = {
-        "forward": (lambda: case.forward(), reset_grads),
-        "backward": (lambda: state["loss"].backward(retain_graph=True), prepare_backward),
-        "full": (lambda: case.forward().backward(), reset_grads),
-    }
-    rows = []
-    for mode, (fn, setup) in modes.items():
-        row = {"mode": mode, "ms": float("nan"), "peak_mib": float("nan"), "status": "ok"}
-        try:
-            dev.time_ms(fn, setup)  # warm-up (and compilation)
-            dev.clean()
-            times = []
-            row["peak_mib"] = dev.peak_mib(lambda: times.append(dev.time_ms(fn)), setup)
-            times += [dev.time_ms(fn, setup) for _ in range(repeats - 1)]
-            row["ms"] = statistics.median(times)
-        except Exception as e:  # noqa: BLE001 - an OOM or a failing provider is a result, not a crash
-            first_line = (str(e).splitlines() or [""])[0][:120]
-            row["status"] = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {first_line}"
-        state.clear()
-        reset_grads()
-        dev.clean()
-        rows.append(row)
-    return rows
-
-
-def copy_bandwidth_gbps(dev: Device, nbytes: int = 2 * 2**30, repeats: int = 10) -> float:
-    """Device copy bandwidth, counting the bytes read and written: 2 * nbytes / time."""
-    torch = dev.torch
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev.device).normal_()
-    dst = torch.empty_like(src)
-    dev.time_ms(lambda: dst.copy_(src))
-    ms = statistics.median(dev.time_ms(lambda: dst.copy_(src)) for _ in range(repeats))
-    src = dst = None  # free before the next measurement
-    dev.clean()
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------
 CSV_FIELDS = ["op", "provider", "mode", "device", "dtype", "L", "N", "D", "V", "ms", "peak_mib", "read_gbps",
               "frac_copy_bw", "status", "note", "BT", "bytes", "gbps", "mode_frac_copy_bw"]
 

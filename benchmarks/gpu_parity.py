@@ -26,7 +26,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from gpu_records import Deadline, Records, rel_err
 
