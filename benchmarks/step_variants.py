@@ -206,7 +206,7 @@ def timed_passes(phases: Phases, method: str):
     if method == "rmu":
         targets.append((module.RMUObjective, "_reference", "ref_forward"))
     else:
-        targets.append((module, "reference_pass", "ref_forward"))
+        targets.append((module, "gathered_reference", "ref_forward"))
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
     for owner, attr, name in targets:
         setattr(owner, attr, wrap(getattr(owner, attr), name))

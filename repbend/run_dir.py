@@ -71,7 +71,12 @@ def resume_point(out: Path, resume) -> Path | None:
     if resume in (None, False):
         return None
     if resume == "auto":
-        return ckpt.latest_checkpoint(out)
+        found = ckpt.latest_checkpoint(out)
+        if found is None and ckpt.list_checkpoints(out):
+            raise TrainingError(f"train.resume: {ckpt.checkpoint_dir(out)} holds no complete checkpoint (each one "
+                                "lacks a manifest that matches its files, see the warnings above); pass "
+                                "--train.overwrite true and no --train.resume to start over")
+        return found
     p = Path(str(resume))
     if not p.is_dir():
         raise TrainingError(f"train.resume: {p} is not a directory (give a checkpoint directory, or true)")
@@ -115,8 +120,9 @@ def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def check_resume(out: Path, checkpoint: Path, step: int, old: dict, new: dict, allow: bool, max_steps: int) -> None:
-    """Stop a resume whose settings change the trajectory (unless `allow`); record every change that goes on."""
+def check_resume(checkpoint: Path, step: int, old: dict, new: dict, allow: bool, max_steps: int) -> list[tuple]:
+    """Stop a resume whose settings change the trajectory (unless `allow`); return every change that goes on, as
+    (key, old, new, changes_trajectory), for `record_changes` once the run is sure to start."""
     if max_steps < step:
         raise TrainingError(f"train.max_steps {max_steps} is below the step of the checkpoint to resume from "
                             f"({checkpoint.name}, step {step})")
@@ -126,11 +132,17 @@ def check_resume(out: Path, checkpoint: Path, step: int, old: dict, new: dict, a
         raise TrainingError(f"train.resume: {checkpoint} was trained with other settings: {listed}. Resume with the "
                             "checkpoint's settings, or pass --train.allow_config_change true (the change is recorded "
                             f"in {CHANGES})")
-    if risky or safe:
-        with open(out / CHANGES, "a", encoding="utf-8") as fh:
-            for (k, a, b), changes_trajectory in [(c, True) for c in risky] + [(c, False) for c in safe]:
-                fh.write(json.dumps({"step": step, "checkpoint": checkpoint.name, "key": k, "old": a, "new": b,
-                                     "changes_trajectory": changes_trajectory}, default=str) + "\n")
+    return [(k, a, b, True) for k, a, b in risky] + [(k, a, b, False) for k, a, b in safe]
+
+
+def record_changes(out: Path, checkpoint: Path, step: int, changes: list[tuple]) -> None:
+    """Append the changes a resume went on with to `config_changes.jsonl`."""
+    if not changes:
+        return
+    with open(out / CHANGES, "a", encoding="utf-8") as fh:
+        for k, a, b, changes_trajectory in changes:
+            fh.write(json.dumps({"step": step, "checkpoint": checkpoint.name, "key": k, "old": a, "new": b,
+                                 "changes_trajectory": changes_trajectory}, default=str) + "\n")
 
 
 def _show(v) -> str:

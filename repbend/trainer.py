@@ -99,20 +99,23 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     dist = init_distributed(cfg.distributed, cfg.model.device)
     out = Path(t.output_dir)
     loss_fn = RepBendLoss(cfg.loss)
+    if t.merge and dist.sharded:
+        raise TrainingError("train.merge is not supported with distributed.strategy fsdp; merge the saved weights "
+                            "afterwards, or use ddp")
+    if cfg.loss.method == "rmu" and dist.sharded:  # its reference pass swaps whole tensors in and out
+        raise TrainingError("loss.method rmu is not supported with distributed.strategy fsdp; use ddp")
 
     # the run directory: a resume point (its settings compared before anything is loaded), or a fresh start
-    resume_from = run_dir.resume_point(out, t.resume) if dist.is_main else None
-    resume_from = dist.broadcast_object(resume_from)
+    resume_from = dist.broadcast_object(run_dir.resume_point(out, t.resume) if dist.is_main else None)
     saved = ckpt.load_config(resume_from) if resume_from is not None else None
+    changes: list[tuple] = []
     if dist.is_main:
-        if resume_from is None:
+        if saved is None:
             run_dir.start_fresh(out, t.overwrite)
         else:
-            run_dir.check_resume(out, resume_from, saved["step"], saved["settings"],
-                                 run_dir.settings_of(cfg.to_dict(), dist.world_size, saved["settings"].get(
-                                     "run.data_fingerprint")), t.allow_config_change, t.max_steps)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(_yaml(cfg.to_dict()), encoding="utf-8")
+            new = run_dir.settings_of(cfg.to_dict(), dist.world_size, saved["settings"].get("run.data_fingerprint"))
+            changes = run_dir.check_resume(resume_from, saved["step"], saved["settings"], new, t.allow_config_change,
+                                           t.max_steps)
     dist.barrier()
 
     seed_everything(t.seed)
@@ -127,16 +130,16 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     check_data(cfg, pools)
     sampler = make_sampler(cfg, pools)
     fingerprint = data_fingerprint(pools)
-    if saved is not None and dist.is_main:  # the same files may hold other rows now
-        run_dir.check_resume(out, resume_from, saved["step"], {"run.data_fingerprint": saved["settings"].get(
-            "run.data_fingerprint")}, {"run.data_fingerprint": fingerprint}, t.allow_config_change, t.max_steps)
+    if dist.is_main:
+        if saved is not None:  # the same files may hold other rows now
+            key = "run.data_fingerprint"
+            changes += run_dir.check_resume(resume_from, saved["step"], {key: saved["settings"].get(key)},
+                                            {key: fingerprint}, t.allow_config_change, t.max_steps)
+            run_dir.record_changes(out, resume_from, saved["step"], changes)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(_yaml(cfg.to_dict()), encoding="utf-8")  # the settings that now run
     dist.barrier()
 
-    if t.merge and dist.sharded:
-        raise TrainingError("train.merge is not supported with distributed.strategy fsdp; merge the saved weights "
-                            "afterwards, or use ddp")
-    if cfg.loss.method == "rmu" and dist.sharded:  # its reference pass swaps whole tensors in and out
-        raise TrainingError("loss.method rmu is not supported with distributed.strategy fsdp; use ddp")
     runner = wrap_model(model, cfg.distributed, dist, params)  # before the optimizer: FSDP2 swaps the parameters
     params = dist.params
     if evaluate is None and t.eval_every and t.eval_heldout:

@@ -286,3 +286,11 @@ def test_data_without_unsafe_rows_is_one_clear_error(assets, tmp_path):
         train(RepBendConfig.load(None, args[:i] + args[i + 2:]))
     assert "cannot fill one micro-batch" in str(e.value) and "wgm_unsafe has 0 rows" in str(e.value)
     assert "safe_only.jsonl" in str(e.value)
+
+
+def test_resume_with_only_incomplete_checkpoints_says_so(assets, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(assets, out, "--train.max_steps", "1"))
+    (out / "checkpoints" / "step-000001" / "manifest.json").unlink()
+    with pytest.raises(TrainingError, match="holds no complete checkpoint"):
+        train(_cfg(assets, out, "--train.resume", "true"))
