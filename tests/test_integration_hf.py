@@ -330,6 +330,9 @@ def _ddp_worker(out: str, grad_accum: int) -> None:
     if rank == 0:
         (Path(out) / "log.json").write_text(json.dumps(_records(trainer)))
         torch.save(_lora(trainer.model), Path(out) / "lora.pt")
+    if torch.distributed.is_initialized():  # leave the gloo group before exit: a group torn down by interpreter
+        torch.distributed.barrier()         # shutdown can abort ("terminate called without an active exception")
+        torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
