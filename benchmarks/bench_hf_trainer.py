@@ -41,48 +41,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_workload import (LORA_B_STD, MODELS, PACK_LENGTH, PAD_ID, _dtype, build_model,  # noqa: E402
                            synthetic_pools, target_layers)
+from bench_step import _peak, _reset_peak  # noqa: E402  (the same measurement as the step benchmark)
+from step_variants import dropout_off  # noqa: E402
 
 VARIANTS = ("loop", "trainer", "trainer+padded")
-
-
-# ---------------------------------------------------------------- memory
-def _reset_peak(device) -> str:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return "cuda_max_memory_allocated"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := the current resident set
-        return "rss_peak_of_steps"
-    except OSError:
-        return "rss_peak_of_process"
-
-
-def _peak(device, kind: str) -> int:
-    import resource
-
-    import torch
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    if kind == "rss_peak_of_steps":
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-@contextlib.contextmanager
-def _dropout_off(model):
-    import torch
-    saved = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    for m, _ in saved:
-        m.p = 0.0
-    try:
-        yield
-    finally:
-        for m, p in saved:
-            m.p = p
 
 
 # ---------------------------------------------------------------- one variant (the worker)
@@ -140,7 +102,7 @@ def _run_loop(a, model, cfg, sampler, pools, pack, n, device, dtype, sync, res):
     res["peak_mem_kind"] = _reset_peak(device)
     ends, data_s, positions, loss = [], [], [], None
     for k in range(n):
-        with _dropout_off(model) if k == 0 else contextlib.nullcontext():
+        with dropout_off(model) if k == 0 else contextlib.nullcontext():
             t0 = time.perf_counter()
             batch = loss_fn.collate(sampler(k), PAD_ID, pack).to(device)
             data_s.append(time.perf_counter() - t0)
@@ -184,7 +146,7 @@ def _run_trainer(a, model, cfg, sampler, pools, pack, n, device, dtype, sync, re
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            self.off = _dropout_off(model)  # step 0: dropout off, for the loss check
+            self.off = dropout_off(model)  # step 0: dropout off, for the loss check
             self.off.__enter__()
             res["peak_mem_kind"] = _reset_peak(device)
 
