@@ -1,13 +1,10 @@
 """Install: `pip install .` or `pip install -e .` (add `[test]` for the test suite, `[gpu]` for liger-kernel, `[hf]`
 for `repbend.integrations.hf` (transformers.Trainer needs accelerate), `[wandb]` for --train.report_to wandb).
 
-`repbend.kernels` lives in the top-level folder `kernels/` and is mapped into the `repbend` package with
-`package_dir`, so that it is importable only as `repbend.kernels` (a top-level `kernels` module would shadow
-Hugging Face's own `kernels` package, which transformers probes for).
+`repbend.kernels` lives in `repbend/kernels/`: a top-level `kernels` folder would shadow Hugging Face's own
+`kernels` package (which transformers requires and imports) whenever the repository root is on `sys.path`.
 """
 from setuptools import find_packages, setup
-
-_repbend_pkgs = find_packages(include=["repbend", "repbend.*"])
 
 setup(
     name="repbend",
@@ -16,8 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=_repbend_pkgs + ["repbend.kernels"],
-    package_dir={"repbend": "repbend", "repbend.kernels": "kernels"},
+    packages=find_packages(include=["repbend", "repbend.*"]),
     package_data={"repbend": ["configs/*.yaml", "demo/templates/*.jinja"]},
     include_package_data=True,
     install_requires=[

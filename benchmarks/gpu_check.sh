@@ -35,8 +35,7 @@ J=$OUT_DIR/results.jsonl
 exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
 TEE_PID=$!
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
-LINK=""
-cleanup() { rm -rf "$WORK"; [ -n "$LINK" ] && rm -f "$LINK"; }
+cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
 T0=$SECONDS
 if [ $DRY = 1 ]; then BUDGET=${GPU_CHECK_BUDGET:-300}; else BUDGET=${GPU_CHECK_BUDGET:-450}; fi
@@ -112,9 +111,7 @@ if ! "$PY" -c "import repbend.kernels, repbend.loss" 2>/dev/null; then
     echo "=== installing repbend: pip install --no-deps -e . (no index, no build isolation)"
     if ! timeout 60 "$PY" -m pip install -q --no-deps --no-index --no-build-isolation -e . \
         || ! "$PY" -c "import repbend.kernels, repbend.loss" 2>/dev/null; then
-        # repbend.kernels lives in kernels/ (setup.py's package_dir): a link makes the tree importable as it is
-        echo "=== pip could not install repbend: importing it from the tree (repbend/kernels -> ../kernels)"
-        if [ ! -e repbend/kernels ]; then ln -s ../kernels repbend/kernels && LINK=$ROOT/repbend/kernels; fi
+        echo "=== pip could not install repbend: importing it from the tree"
         export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     fi
 fi

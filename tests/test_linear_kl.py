@@ -1,4 +1,4 @@
-"""linear_kl (kernels/linear_kl.py) against a plain float64 formula, both impls (soft-capping:
+"""linear_kl (repbend/kernels/linear_kl.py) against a plain float64 formula, both impls (soft-capping:
 test_linear_kl_softcap.py).
 
 The ops run on kernel_refs.DEVICE (CUDA where there is one, else the CPU with the Triton interpreter) with

@@ -1,5 +1,14 @@
-"""The installed layout: `repbend.kernels` stands alone (torch and triton only), no top-level `kernels` module
-exists, and `pip install .` builds a wheel that holds both packages."""
+"""The installed layout and the names the project shares with the ecosystem.
+
+- `repbend.kernels` stands alone (torch and triton only) and `pip install .` builds a wheel holding it inside
+  `repbend/`, with no top-level `kernels`.
+- Nothing in the repository is importable as `kernels`, the name of Hugging Face's kernels package (which
+  transformers requires and imports): from the repository root and from anywhere else, `import kernels` gives the
+  installed package, and the README's commands (`python -m repbend ...`, a training step through transformers'
+  Auto classes) run in both places. A top-level `kernels/` folder broke every command started from the root.
+"""
+import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -14,6 +23,12 @@ def _py(code: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
 
 
+def _run(args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)  # as a user runs it: the working directory is what puts the root on sys.path
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
 def test_kernels_import_nothing_but_torch_and_triton(tmp_path):
     p = _py("import sys, repbend.kernels as k; k.rep_distance, k.linear_kl, k.pairwise_cosine_loss; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'peft', 'tokenizers', 'yaml'}); "
@@ -21,16 +36,55 @@ def test_kernels_import_nothing_but_torch_and_triton(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-def test_no_top_level_kernels_module(tmp_path):
-    # from anywhere: the installed distribution has no top-level `kernels`
-    p = _py("import importlib.util as u; assert u.find_spec('kernels') is None, u.find_spec('kernels')", tmp_path)
-    assert p.returncode == 0, p.stderr
-    # from the repository root the folder is visible, but loads nothing under the wrong name, and transformers
-    # does not take it for Hugging Face's kernels package
-    p = _py("import sys, kernels; assert 'triton' not in sys.modules; kernels.rep_distance", ROOT)
-    assert p.returncode != 0 and "use `from repbend.kernels import rep_distance`" in p.stderr, p.stderr
-    p = _py("from transformers.utils.import_utils import is_kernels_available as a; assert not a()", ROOT)
-    assert p.returncode == 0, p.stderr
+def test_no_module_of_the_repository_is_importable_as_kernels(tmp_path):
+    # whether or not Hugging Face's kernels is installed: `kernels` is either absent or theirs, never our folder
+    code = ("import importlib.util as u, pathlib; s = u.find_spec('kernels'); "
+            "o = None if s is None else (s.origin or str(list(s.submodule_search_locations or []))); print(o); "
+            f"assert o is None or {str(ROOT)!r} not in o or '/site-packages/' in o, o")
+    for cwd in (ROOT, tmp_path):
+        p = _py(code, cwd)
+        assert p.returncode == 0, (cwd, p.stdout + p.stderr)
+    assert not (ROOT / "kernels").exists(), "a top-level kernels/ folder shadows Hugging Face's kernels package"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from repbend.demo.assets import save_tiny_model_dir
+    from repbend.demo.synthetic import corpus, write_demo_data
+
+    root = tmp_path_factory.mktemp("eco")
+    paths = write_demo_data(root / "data", seed=0, n_train=24, n_heldout=4)
+    model_dir = save_tiny_model_dir(root / "model", corpus=corpus(), layers=2, hidden=32, heads=2, kv_heads=1)
+    return root, model_dir, paths
+
+
+@pytest.mark.parametrize("where", ["root", "elsewhere"])
+def test_readme_commands_run_from_the_root_and_elsewhere(tiny_run, where):
+    """`python -m repbend` and transformers' Auto classes, with Hugging Face's kernels package importable."""
+    pytest.importorskip("kernels", reason="Hugging Face's kernels package is what a folder of ours could shadow")
+    root, model_dir, paths = tiny_run
+    cwd = ROOT if where == "root" else root
+    load = ("import kernels, transformers as t; from transformers.utils.import_utils import is_kernels_available; "
+            "print('KERNELS', kernels.__file__, is_kernels_available()); "
+            f"tok = t.AutoTokenizer.from_pretrained({str(model_dir)!r}); "
+            f"m = t.AutoModelForCausalLM.from_pretrained({str(model_dir)!r}); "
+            "print('LOADED', type(m).__name__, len(tok('hello')['input_ids']))")
+    p = _run(["-c", load], cwd)
+    assert p.returncode == 0 and "LOADED" in p.stdout, p.stdout + p.stderr
+    assert str(ROOT / "kernels") not in p.stdout
+
+    p = _run(["-m", "repbend", "demo", "--help"], cwd)
+    assert p.returncode == 0 and "usage" in p.stdout.lower(), p.stdout + p.stderr
+
+    out = root / f"run_{where}"
+    p = _run(["-m", "repbend", "train", "--model.path", str(model_dir), "--data.wildguardmix", paths["wildguardmix"],
+              "--data.wildjailbreak", paths["wildjailbreak"], "--data.ultrachat", paths["ultrachat"],
+              "--train.output_dir", str(out), "--train.max_steps", "1", "--train.batch_size", "1",
+              "--train.grad_accum", "1", "--lora.r", "2", "--loss.target_layers", "1-2", "--train.progress", "false",
+              "--data.max_response_tokens", "24", "--data.max_retain_tokens", "48"], cwd)
+    assert p.returncode == 0, p.stdout + p.stderr
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1] and (out / "adapter" / "adapter_config.json").is_file()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="wheel build check on Linux")

@@ -13,16 +13,9 @@ Imports nothing but torch and triton, so other trainers can use them directly:
 Every function takes impl="auto" | "triton" | "torch" and returns float32 results. The Triton paths are custom ops
 (torch.ops.repbend.*) with autograd registered, so torch.compile(fullgraph=True) traces them.
 """
-if __name__ != "repbend.kernels":
-    # Reached as a top-level `kernels` (python run from the repository root): that name belongs to Hugging Face's
-    # kernels package, which transformers probes for, and imports when it finds no metadata. Load nothing, so
-    # that probe sees no usable package and nothing is imported twice.
-    def __getattr__(name):
-        raise AttributeError(f"this folder is the package repbend.kernels: use `from repbend.kernels import {name}`")
-else:
-    from .linear_kl import LinearKL, linear_kl
-    from .pairwise_cosine import PairwiseCosineLoss, pairwise_cosine_loss
-    from .rep_distance import RepDistance, RepDistanceLoss, rep_distance
+from .linear_kl import LinearKL, linear_kl
+from .pairwise_cosine import PairwiseCosineLoss, pairwise_cosine_loss
+from .rep_distance import RepDistance, RepDistanceLoss, rep_distance
 
 __all__ = ["rep_distance", "RepDistance", "RepDistanceLoss", "pairwise_cosine_loss", "PairwiseCosineLoss",
            "linear_kl", "LinearKL"]

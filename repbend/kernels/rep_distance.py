@@ -6,7 +6,7 @@ For each layer l of a set of layers, over the selected token positions (b, t):
     relu_cos[l] = sum max(cos(hidden[l, b, t], ref[l, b, t]), 0)         (Circuit Breakers)
     sq[l]       = sum ||hidden[l, b, t] - ref[l, b, t]||_2^2               (RMU: ref a fixed control vector, or h)
 where hidden comes from the trained pass and ref is a constant. All four come from one forward kernel and one
-backward kernel (kernels/_rep_distance_triton.py): the forward writes per-row values into a small [7, L, N] fp32
+backward kernel (repbend/kernels/_rep_distance_triton.py): the forward writes per-row values into a small [7, L, N] fp32
 buffer reduced by one torch.sum, the backward takes the four upstream gradients per layer, so any function of the
 four sums gets its exact gradient.
 
