@@ -1,8 +1,18 @@
-# `make demo` and `make test` work on a fresh machine: they create .venv and install into it.
+# `make demo` and `make test` work on a fresh machine: they create .venv and install into it, every package at the
+# release the suite last passed with (constraints.txt: bump it with `make constraints`, in a commit of its own), so
+# that an upstream release cannot break them overnight. `pip install .` keeps setup.py's ranges for other stacks.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU builds (the GPU user installs the CUDA build of torch first; see README).
-TORCH_PINS ?= torch==2.13.0 triton==3.7.1
+CONSTRAINTS ?= constraints.txt
+# CPU builds (the GPU user installs the CUDA build of torch first; see README): constraints.txt pins the +cpu wheel.
+TORCH_PINS ?= torch triton
+
+# `make test-latest`: the suite in a fresh .venv-latest with the newest release of everything (no constraints), so
+# that the next upstream release that breaks us shows up in CI first. torch's newest wheel on PyPI is its CUDA
+# build (about 5 GB); it runs on the CPU. On failure, .ci/versions.py names every release that differs from
+# constraints.txt.
+LATEST_VENV ?= .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
 
 # `make test-compat`: the same suite in a second environment pinned to the GPU machine's image, so that an API
 # difference between those releases and the ones above shows up here on the CPU. torch 2.11.0 from PyPI is the
@@ -16,13 +26,13 @@ COMPAT_PINS ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0 numpy==2.5.2
 # The pins as a pip constraints file, rewritten only when they change (so that a change rebuilds the venv).
 COMPAT_CONSTRAINTS := $(COMPAT_VENV).pins.txt
 
-.PHONY: demo test test-compat bench figures install clean FORCE
+.PHONY: demo test test-compat test-latest constraints bench figures install clean FORCE
 
-$(VENV)/.installed: setup.py
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[test]'
+$(VENV)/.installed: setup.py $(CONSTRAINTS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) $(TORCH_PINS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +42,20 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# Rewrite constraints.txt from .venv (after the suite passed there with newer releases: commit it on its own,
+# saying what changed).
+constraints: $(VENV)/.installed
+	$(PY) .ci/versions.py freeze > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+# Always a fresh environment: the point is to see today's releases.
+test-latest:
+	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
+	$(LATEST_PY) -m pip install -q --upgrade pip
+	$(LATEST_PY) -m pip install -q --upgrade torch triton
+	$(LATEST_PY) -m pip install -q --upgrade -e '.[test]'
+	@$(LATEST_PY) .ci/versions.py diff $(CONSTRAINTS)
+	$(LATEST_PY) -m pytest -q tests || { $(LATEST_PY) .ci/versions.py diff $(CONSTRAINTS) --failed; exit 1; }
 
 $(COMPAT_CONSTRAINTS): FORCE
 	@printf '%s\n' $(COMPAT_PINS) | cmp -s - $@ || printf '%s\n' $(COMPAT_PINS) > $@
@@ -72,4 +96,4 @@ figures: $(VENV)/.installed
 	cp bench_out/step_small/step_bench.png docs/img/bench_small_cpu.png
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) $(COMPAT_CONSTRAINTS) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) $(COMPAT_CONSTRAINTS) $(LATEST_VENV) build *.egg-info
