@@ -118,7 +118,7 @@ def build_model(spec: ModelSpec, device, dtype, attn: str, checkpointing: bool, 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    from repbend.model import LoraSettings, attach_lora
+    from repbend.model import LoraSettings, attach_lora, enable_checkpointing
 
     llama = spec.family == "llama"
     cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if llama else (MistralConfig, MistralForCausalLM)
@@ -134,7 +134,7 @@ def build_model(spec: ModelSpec, device, dtype, attn: str, checkpointing: bool, 
     model.eval()
     n_params = n_params_counted(model)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     layers = adapter_layers(method, spec.layers)
     if layers is None:
         return model.to(device), spec.layers, n_params

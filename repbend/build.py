@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import RepBendConfig
 from .errors import TrainingError
-from .model import LoraSettings, attach_lora, decoder_layers, load_model_and_tokenizer
+from .model import LoraSettings, attach_lora, decoder_layers, enable_checkpointing, load_model_and_tokenizer
 
 
 def load_model(cfg: RepBendConfig, device):
@@ -34,7 +34,7 @@ def prepare_model(cfg: RepBendConfig, model, loss_fn) -> tuple[object, list]:
         raise TrainingError(f"loss.retain_layers goes up to {max(retain)} but the model has hidden-state indices "
                             f"0..{n_layers} ({n_layers} decoder layers)")
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if cfg.loss.method in ("repbend", "circuit_breakers"):
         layers = adapter_layers(cfg, n_layers)
         bad = [i for i in layers if not 0 <= i < n_layers]

@@ -136,6 +136,16 @@ def _model_type(path: str) -> str:
     return AutoConfig.from_pretrained(path).model_type
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant `torch.utils.checkpoint`). transformers 5.25
+    renamed the switch `activation_checkpointing_enable` (the old name warns); older releases have only the old."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def unwrap(model):
     """The HF causal LM inside any DDP (`.module`) and PEFT (`get_base_model()`) wrappers."""
     m = model

@@ -11,6 +11,7 @@ from repbend.demo.assets import build_tiny_model, build_tokenizer
 from repbend.errors import ConfigError
 from repbend.loss import LossConfig, MicroBatch, RepBendLoss, Sequence
 from repbend.loss.rmu import load_rmu_weights
+from repbend.model import enable_checkpointing
 
 N_LAYERS = 5
 
@@ -237,7 +238,7 @@ def test_gradient_checkpointing_leaves_loss_and_grads_unchanged():
     batch = fn.collate(_micro(len(tok), seed=5), tok.pad_token_id, pack_length=32)
     a = fn(model, batch)
     ga = torch.autograd.grad(a.total, params)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     b = fn(model, batch)
     gb = torch.autograd.grad(b.total, params)
     torch.testing.assert_close(b.total, a.total, rtol=1e-6, atol=0)

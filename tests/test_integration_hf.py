@@ -16,6 +16,7 @@ import json
 import math
 import os
 import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -333,6 +334,11 @@ def _ddp_worker(out: str, grad_accum: int) -> None:
     if torch.distributed.is_initialized():  # leave the gloo group before exit: a group torn down by interpreter
         torch.distributed.barrier()         # shutdown can abort ("terminate called without an active exception")
         torch.distributed.destroy_process_group()
+    # Then leave without the interpreter's teardown: the Trainer's DDP objects, freed after their group is gone,
+    # hung a rank at exit now and then (torch 2.13, accelerate 1.16). Everything this worker reports is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -349,13 +355,15 @@ def test_ddp_on_two_processes_equals_one_process_with_twice_the_accumulation(tmp
     launches = [[sys.executable, __file__, "--worker", str(one), "2"],
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                  "127.0.0.1", "--master_port", str(_free_port()), __file__, "--worker", str(two), "1"]]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd in launches]  # independent: started together, they mostly wait on imports
+    # independent: started together, they mostly wait on imports. Each in its own session, so that a hung launch is
+    # killed with every process it started (an orphaned worker would hold the output pipe open for ever).
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for cmd in launches]
     for proc in procs:
         try:
             output, _ = proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
         assert proc.returncode == 0, output[-4000:]
     log1, log2 = (json.loads((d / "log.json").read_text()) for d in (one, two))

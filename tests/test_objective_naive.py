@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from repbend.loss import LossConfig, MicroBatch, RepBendLoss, Sequence
 from repbend.loss.batch import collate
 from repbend.demo.assets import build_tiny_model, build_tokenizer
-from repbend.model import LoraSettings, attach_lora
+from repbend.model import LoraSettings, attach_lora, enable_checkpointing
 
 REQ_PAD, RESP_PAD, RETAIN_PAD = 24, 24, 48
 N_LAYERS = 4
@@ -218,7 +218,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads():
     model.train()
     a = RepBendLoss(cfg, impl="torch")(model, batch)
     ga = _grads(model, a.total)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     assert model.base_model.model.model.gradient_checkpointing
     b = RepBendLoss(cfg, impl="torch")(model, batch)
     gb = _grads(model, b.total)
