@@ -7,9 +7,20 @@ the production shapes (D = 4096) runs far slower than it should, and no CPU test
     res = hopper_resources(my_kernel, {"x_ptr": "*bf16", "n": "i32"}, {"BLOCK": 1024}, num_warps=4)
     # {"registers": 40, "spill_stores": 0, "spill_loads": 0, "stack": 0, "local": 0, "shared": 0}
 
+    from hopper import hopper_launches
+    out = hopper_launches("my_cases", "launch_all", ["repbend.kernels._rep_distance_triton"])
+    # out["variants"]: every variant the launchers compiled, with its registers and spills
+
 How: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` builds PTX and a cubin with the ptxas
 bundled in the triton wheel (no driver needed). Registers come from `cuobjdump -res-usage` on that cubin; the
 spill byte counts from re-running that ptxas with `-v` on the PTX with the flags Triton itself uses.
+
+`hopper_launches` goes through the real launchers instead of a hand-written signature: a child process installs a
+fake Triton driver (target sm_90; loading and launching do nothing) and runs a function that calls the launchers
+on meta tensors (no memory, data_ptr() 0) of the production shapes; Triton then specialises and compiles exactly
+what a launch on an H100 would (an int argument equal to 1 becomes a constant, multiples of 16 are marked), and
+every compiled variant is read back from the kernels' caches. The function may be a generator: each value it
+yields names a phase, and the variants compiled by the end of each phase are reported (recompilation checks).
 
 Under TRITON_INTERPRET=1 (the test suite's setting) `@triton.jit` yields interpreter objects that cannot be
 compiled, so compilation runs in a child process with TRITON_INTERPRET=0 that imports the kernel again by
@@ -27,7 +38,8 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["hopper_resources", "hopper_resources_many", "ptxas_available", "requires_ptxas", "triton_nvidia_bin"]
+__all__ = ["hopper_launches", "hopper_resources", "hopper_resources_many", "ptxas_available", "requires_ptxas",
+           "triton_nvidia_bin"]
 
 
 def triton_nvidia_bin() -> Path | None:
@@ -192,3 +204,128 @@ def hopper_resources(kernel, signature: dict, constexprs: dict, num_warps: int, 
     """
     return hopper_resources_many([{"kernel": kernel, "signature": signature, "constexprs": constexprs,
                                    "num_warps": num_warps, "num_stages": num_stages, "divisible": divisible}])[0]
+
+
+# The child process of `hopper_launches`: a fake driver, the caller's launches, then every compiled variant.
+_LAUNCH_CHILD = r"""
+import importlib, inspect, json, os, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+spec = json.loads(sys.stdin.read())
+launches = {}
+
+class _Utils:
+    def load_binary(self, name, kernel, shared, device):  # module, function, registers, spills, max threads
+        return None, 0, 0, 0, 1024
+    def get_device_properties(self, device):  # an H100's
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+                "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+def _launcher(src, metadata):
+    def launch(*args, **kwargs):
+        launches[metadata.name] = launches.get(metadata.name, 0) + 1
+    return launch
+
+class FakeDriver:
+    def __init__(self):
+        self.utils, self.launcher_cls = _Utils(), _launcher
+    def is_active(self):
+        return True
+    def get_current_device(self):
+        return 0
+    def set_current_device(self, device):
+        pass
+    def get_current_stream(self, device=None):
+        return 0
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self):
+        return torch.device("meta")
+    def map_python_to_cpp_type(self, ty):
+        return ty
+
+driver.set_active(FakeDriver())
+kernels = {}
+for name in spec["kernel_modules"]:
+    m = importlib.import_module(name)
+    for attr, obj in vars(m).items():
+        if isinstance(obj, JITFunction) and obj.__module__ == m.__name__:
+            kernels[f"{name}:{attr}"] = obj
+
+def variants():
+    out = {}
+    for qual, k in kernels.items():
+        for caches in k.device_caches.values():
+            for key, ck in caches[0].items():
+                out[str(key)] = (qual, ck)
+    return out
+
+phases = []
+fn = getattr(importlib.import_module(spec["module"]), spec["function"])
+result = fn(**spec["kwargs"])
+if inspect.isgenerator(result):
+    for phase in result:
+        phases.append({"phase": str(phase), "variants": sorted(variants())})
+phases.append({"phase": "end", "variants": sorted(variants())})
+
+out = []
+for i, (key, (qual, ck)) in enumerate(sorted(variants().items())):
+    ptx, cubin = os.path.join(spec["tmp"], f"v{i}.ptx"), os.path.join(spec["tmp"], f"v{i}.cubin")
+    with open(ptx, "w") as f:
+        f.write(ck.asm["ptx"])
+    with open(cubin, "wb") as f:
+        f.write(ck.asm["cubin"])
+    src = ck.src
+    sig = {k: str(v) for k, v in src.signature.items()}
+    names = list(src.fn.arg_names)
+    consts = {(names[k[0]] if isinstance(k, tuple) and len(k) == 1 else str(k)): repr(v)
+              for k, v in src.constants.items()}
+    out.append({"function": qual, "kernel": ck.name, "key": key, "signature": sig, "constants": consts,
+                "num_warps": ck.metadata.num_warps, "shared": int(ck.metadata.shared),
+                "vector_loads": "ld.global.v" in ck.asm["ptx"], "fp64": ".f64" in ck.asm["ptx"],
+                "ptx": ptx, "cubin": cubin})
+print("@@HOPPER@@" + json.dumps({"variants": out, "phases": phases, "launches": launches}))
+"""
+
+
+def hopper_launches(module: str, function: str, kernel_modules: list[str], kwargs: dict | None = None,
+                    timeout: float = 900.0) -> dict:
+    """Run `module.function(**kwargs)` (it calls the real launchers on meta tensors) under a fake sm_90 driver and
+    return {"variants": [...], "phases": [...], "launches": {kernel name: count}}.
+
+    variants: one dict per variant compiled in `kernel_modules`' @triton.jit kernels: function ("module:name"),
+    kernel, key (Triton's cache key: the specialisation), signature ({arg: type or "constexpr"}), constants
+    ({arg: value}, the specialised ones included), num_warps, shared, vector_loads, fp64, and, from ptxas and
+    cuobjdump, registers, spill_stores, spill_loads, stack, local. phases: [{"phase", "variants": [keys]}] after
+    each phase the function yielded and at the end. A compile error is raised with the child's output.
+    """
+    ptxas, cuobjdump = _tool("ptxas"), _tool("cuobjdump")
+    if ptxas is None or cuobjdump is None:
+        raise RuntimeError("triton's bundled ptxas / cuobjdump not found (site-packages/triton/backends/nvidia/bin)")
+    with tempfile.TemporaryDirectory(prefix="hopper_") as tmp:
+        spec = {"module": module, "function": function, "kernel_modules": list(kernel_modules),
+                "kwargs": dict(kwargs or {}), "tmp": tmp}
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
+        proc = subprocess.run([sys.executable, "-c", _LAUNCH_CHILD], input=json.dumps(spec), env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        tag = "@@HOPPER@@"
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(tag)]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"launching for sm_90 failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                               f"{proc.stderr[-6000:]}")
+        result = json.loads(lines[-1][len(tag):])
+        for v in result["variants"]:
+            res = subprocess.run([cuobjdump, "-res-usage", v["cubin"]], capture_output=True, text=True, check=True,
+                                 timeout=timeout)
+            v.update(_parse_res_usage(res.stdout, v["kernel"]))
+            log = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", v["ptx"],
+                                  "-o", v["cubin"] + ".v"], capture_output=True, text=True, timeout=timeout)
+            if log.returncode != 0:
+                raise RuntimeError(f"ptxas -v failed for {v['kernel']}:\n{log.stderr}")
+            v.update(_parse_ptxas_log(log.stdout + log.stderr, v["kernel"]))
+            del v["ptx"], v["cubin"]
+        return result

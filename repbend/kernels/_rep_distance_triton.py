@@ -41,6 +41,13 @@ from ._dispatch import cudagraph_unsafe_tags, num_chunks, on_device, pointer_tab
 COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default eps
 BUF_ROWS = 7
 SUM_ROWS = 4
+# Integer arguments that change with the micro-batch (selected rows, positions, row length) or the method (layers).
+# Triton would specialise an int argument on divisibility by 16 and turn one equal to 1 into a constant: one
+# compiled variant per combination, compiled inside a timed step whenever a micro-batch brings a new one (0.3-0.5 s
+# each on an H100). Not specialised, each kernel has one variant per dtype and form (tests/test_kernel_compile.py
+# counts them). They only index rows, never the vectorised feature axis, so nothing is lost.
+SHAPE_ARGS_FWD = ("N", "BT", "T")
+SHAPE_ARGS_BWD = ("N", "L", "BT", "T")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,7 +74,7 @@ def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
     return a0 + b0, a1 + b1, a2 + b2, a3 + b3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS_FWD)
 def _rep_distance_fwd_kernel(
     h_ptr, r_ptr,  # typed pointers to layer 0 (element types; the bases when TABLE is off)
     tab_ptr,  # int64 [L, 2]: base address of each layer of hidden, ref (TABLE only)
@@ -137,7 +144,7 @@ def _rep_distance_fwd_kernel(
     tl.store(slot_ptr + BT, 1, mask=first & (ok == 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS_BWD)
 def _rep_distance_bwd_kernel(
     h_ptr, r_ptr, g_ptr,  # typed pointers (element types); g is contiguous [L', B, T, D]
     tab_ptr,  # int64 [L', 3]: base address of hidden, ref and the layer index, per layer needing a grad (TABLE)
@@ -171,7 +178,7 @@ def _rep_distance_bwd_kernel(
     g_row = g_ptr + (j.to(tl.int64) * BT + pos64) * D
 
     row = buf_ptr + layer.to(tl.int64) * N + i
-    field = L.to(tl.int64) * N
+    field = tl.cast(L, tl.int64) * N  # tl.cast, not L.to(): a specialised L == 1 would be a plain int
     cos = tl.load(row + field, mask=on, other=0.0)
     inv_dist = tl.load(row + 4 * field, mask=on, other=0.0)
     inv_den = tl.load(row + 5 * field, mask=on, other=0.0)

@@ -37,7 +37,7 @@ BLOCK_N_MAX = 1024
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))
 def _pairwise_cosine_fwd_kernel(
     x_ptr,  # [L, N, D], any strides
     loss_ptr,  # fp32 [L]: per-layer mean over pairs of 1 - cos
@@ -72,12 +72,12 @@ def _pairwise_cosine_fwd_kernel(
         acc_ss += s * s
     u_sq = norm * inv
     uu = tl.sum(tl.where(row_ok, u_sq * u_sq, 0.0), axis=0)  # sum_i ||u_i||^2 (1 unless ||x_i|| < eps)
-    pairs = (N * (N - 1)).to(tl.float32)
+    pairs = tl.cast(N * (N - 1), tl.float32)
     tl.store(loss_ptr + layer, 1.0 - (tl.sum(acc_ss, axis=0) - uu) / pairs)
     tl.store(norm_ptr + layer * N + rows, norm, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))
 def _pairwise_cosine_bwd_kernel(
     x_ptr, dx_ptr,  # [L, N, D] (any strides), dx contiguous [L, N, D] in x's dtype
     s_ptr, norm_ptr,  # from the forward
@@ -92,7 +92,7 @@ def _pairwise_cosine_bwd_kernel(
     row_ok = rows < N
     x_rows = x_ptr + layer * stride_l + rows[:, None].to(tl.int64) * stride_n
     dx_rows = dx_ptr + (layer * N + rows[:, None].to(tl.int64)) * D
-    scale = -2.0 * tl.load(grad_ptr + layer) / (N * (N - 1)).to(tl.float32)  # du_i = scale * (s - u_i)
+    scale = -2.0 * tl.load(grad_ptr + layer) / tl.cast(N * (N - 1), tl.float32)  # du_i = scale * (s - u_i)
 
     norm = tl.load(norm_ptr + layer * N + rows, mask=row_ok, other=0.0)
     den = tl.maximum(norm, eps)
