@@ -25,9 +25,13 @@ def perturb(params, seed: int) -> None:
     """RMU's trained tensors start at w + N(0, (RMU_START_STD * std(w))^2), drawn the same in both RMU variants (as
     LoRA B starts off zero): with w untouched h' == h and the retain term would be 0 at the checked step."""
     import torch
+    from torch._subclasses.fake_tensor import is_fake
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in params:
+            if is_fake(p):  # a planned step (repbend plan): no values to move
+                continue
             noise = torch.randn(p.shape, generator=g) * (RMU_START_STD * float(p.float().std()))
             p.add_(noise.to(p.device, p.dtype))
 
@@ -49,9 +53,11 @@ class Phases:
         self.t = now
 
 
-def make_step(variant: str, model, loss_cfg, n_layers: int, device, autocast, phases: Phases, scale: float = 1.0):
+def make_step(variant: str, model, loss_cfg, n_layers: int, device, autocast, phases: Phases, scale: float = 1.0,
+              pack_length: int | None = None):
     """A function (micro, k) -> (loss, parts, useful tokens, positions per pass) doing one full step of `variant`.
-    Builds the optimizer over the variant's trained tensors (RMU: `prepare` runs here, before any update)."""
+    Builds the optimizer over the variant's trained tensors (RMU: `prepare` runs here, before any update).
+    pack_length: the shipped steps' row length (None: PACK_LENGTH x scale; 0: one row per sequence)."""
     import torch
 
     from repbend.loss import RepBendLoss
@@ -81,7 +87,9 @@ def make_step(variant: str, model, loss_cfg, n_layers: int, device, autocast, ph
         return (k + 1) / CB_MAX_STEPS
 
     if variant in ("repbend", "repbend+padded", "circuit_breakers", "rmu"):
-        pack = None if variant == "repbend+padded" else round(PACK_LENGTH * scale)
+        pack = round(PACK_LENGTH * scale) if pack_length is None else (pack_length or None)
+        if variant == "repbend+padded":
+            pack = None
 
         def step(micro, k):
             phases.start()

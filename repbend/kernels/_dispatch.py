@@ -8,11 +8,18 @@ Python scalars"); triton 3.7 squeezes the array first. A constexpr count is a pl
 kernels only gain from it (one specialisation per model width or vocabulary).
 """
 import contextlib
+import contextvars
 import os
 
 import torch
 
 IMPLS = ("auto", "triton", "torch")
+# REPBEND_KERNELS=torch makes "auto" choose the eager code everywhere: the GPU check sets it when Triton cannot
+# build its launchers on the machine (no C compiler or no Python.h), so that every stage still runs, said once.
+ENV_IMPL = "REPBEND_KERNELS"
+# The device type "auto" resolves for, while planning a step on fake tensors (repbend.plan): "cuda" selects the
+# Triton custom ops, whose fake implementations give each op's outputs without launching anything.
+_PLANNED_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("repbend_planned_device", default=None)
 
 
 def interpreter_on() -> bool:
@@ -23,18 +30,34 @@ def interpreter_on() -> bool:
 def resolve_impl(impl: str, device: torch.device) -> str:
     """Map `impl` to "triton" or "torch" for tensors on `device`.
 
-    auto: Triton on CUDA, eager PyTorch elsewhere. "triton" on a CPU tensor needs TRITON_INTERPRET=1.
+    auto: Triton on CUDA, eager PyTorch elsewhere (everywhere when REPBEND_KERNELS=torch). "triton" on a CPU tensor
+    needs TRITON_INTERPRET=1. Inside `planned_device(kind)`, tensors count as being on `kind`.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    kind = _PLANNED_DEVICE.get() or device.type
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and not interpreter_on():
+        if os.environ.get(ENV_IMPL) == "torch":
+            return "torch"
+        return "triton" if kind == "cuda" else "torch"
+    if impl == "triton" and kind != "cuda" and not interpreter_on():
         raise RuntimeError(
             f"impl='triton' on a {device.type} tensor needs the Triton interpreter: set TRITON_INTERPRET=1 "
             "before importing repbend.kernels, or use impl='torch'/'auto'"
         )
     return impl
+
+
+@contextlib.contextmanager
+def planned_device(kind: str):
+    """Resolve implementations as if every tensor were on a `kind` device ("cuda" or "cpu"). For fake tensors only
+    (repbend.plan runs a step under FakeTensorMode, where the custom ops' fake implementations run, never a
+    kernel)."""
+    token = _PLANNED_DEVICE.set(kind)
+    try:
+        yield
+    finally:
+        _PLANNED_DEVICE.reset(token)
 
 
 def num_chunks(n: int, block: int) -> int:
