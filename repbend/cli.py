@@ -1,4 +1,4 @@
-"""The `repbend` command: train | demo | eval | logit-lens | rep-shift | bench."""
+"""The `repbend` command: train | demo | eval | logit-lens | rep-shift | bench | plan."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +15,7 @@ commands:
   logit-lens  layers x tokens heatmap, base vs tuned
   rep-shift   per-layer representation shift, base vs tuned
   bench       end-to-end step benchmark against the reference recipe
+  plan        a step at real shapes on fake tensors: memory per GPU, FLOPs per token, whether it fits
 
 `repbend COMMAND --help` lists the options of a command. `--debug` shows the traceback of an error.
 """
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "bench":
         from .bench import main as bench_main
         return _run(bench_main, rest, debug)
+    if cmd == "plan":
+        from .plan.cli import main as plan_main
+        return _run(plan_main, rest, debug)
     print(f"repbend: error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

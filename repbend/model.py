@@ -200,4 +200,23 @@ def attach_lora(model, settings: LoraSettings, layers_to_transform: Sequence[int
         target_modules=list(settings.target_modules), layers_to_transform=list(layers_to_transform),
         bias="none", task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    no_input_copy_under_autocast(peft_model)
+    return peft_model
+
+
+def _cast_input_unless_autocast(module, args):
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor):
+        module.cast_input_dtype_enabled = not torch.is_autocast_enabled(x.device.type)
+
+
+def no_input_copy_under_autocast(model) -> None:
+    """PEFT casts each LoRA layer's input to the adapters' dtype: fp32 adapters on a bf16 model make an fp32 copy of
+    every projection's input (and of its dropout output) in each layer's forward and recompute. Under autocast the
+    LoRA matmuls run in bf16 all the same (autocast casts the copy back), so the copy buys nothing: a pre-hook turns
+    PEFT's own switch (`cast_input_dtype_enabled`, where this PEFT has it) off while autocast is on, and on again
+    outside it (an fp32 CPU run casts as before)."""
+    for m in model.modules():
+        if hasattr(m, "lora_A") and hasattr(m, "cast_input_dtype_enabled"):
+            m.register_forward_pre_hook(_cast_input_unless_autocast)

@@ -51,6 +51,9 @@ def _rep_distance_calls(shape, dtype):
         for ref, gathered in forms:
             _, buf, slot = rd._forward(hidden, ref, rows, gathered)
             rd._backward(_meta(4, L, dtype=torch.float32), buf, slot, hidden, ref, gathered, list(range(L)))
+            # a plain backward writes one layer at a time, added to the gradient from the layers above
+            rd._backward(_meta(4, L, dtype=torch.float32), buf, slot, hidden, ref, gathered, [L - 1],
+                         _meta(1, R, T, D, dtype=dtype))
         stacked = [_meta(L, R, T, D, dtype=dtype)]
         _, buf, slot = rd._forward(stacked, [_meta(L, N, D, dtype=dtype)], rows, True)
         rd._backward(_meta(4, L, dtype=torch.float32), buf, slot, stacked, [_meta(L, N, D, dtype=dtype)], True,
@@ -139,6 +142,8 @@ def test_no_recompilation_after_warmup(launched):
     names = sorted({v["function"].split(":")[1] for v in launched["variants"] if v["key"] in new})
     assert not new, f"{len(new)} variants compiled after the warm-up, in {names}"
     # one variant per kernel, dtype and argument form (a table of per-layer addresses with a gathered or a full
-    # reference; one stacked tensor), whatever the layer count
-    rep = [v for v in launched["variants"] if "_rep_distance_" in v["function"]]
-    assert len(rep) == 2 * len(DTYPES) * 3, [(v["function"], v["constants"]) for v in rep]
+    # reference; one stacked tensor; the backward also with an upstream gradient added), whatever the layer count
+    fwd = [v for v in launched["variants"] if v["function"].endswith("_rep_distance_fwd_kernel")]
+    bwd = [v for v in launched["variants"] if v["function"].endswith("_rep_distance_bwd_kernel")]
+    assert len(fwd) == len(DTYPES) * 3, [v["constants"] for v in fwd]
+    assert len(bwd) == len(DTYPES) * 5, [v["constants"] for v in bwd]

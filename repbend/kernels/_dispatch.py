@@ -8,18 +8,19 @@ Python scalars"); triton 3.7 squeezes the array first. A constexpr count is a pl
 kernels only gain from it (one specialisation per model width or vocabulary).
 """
 import contextlib
-import contextvars
 import os
 
 import torch
 
 IMPLS = ("auto", "triton", "torch")
-# REPBEND_KERNELS=torch makes "auto" choose the eager code everywhere: the GPU check sets it when Triton cannot
-# build its launchers on the machine (no C compiler or no Python.h), so that every stage still runs, said once.
+# REPBEND_KERNELS=torch (read at import) makes "auto" choose the eager code everywhere: the GPU check sets it when
+# Triton cannot build its launchers on the machine (no C compiler or no Python.h), so that every stage still runs.
 ENV_IMPL = "REPBEND_KERNELS"
-# The device type "auto" resolves for, while planning a step on fake tensors (repbend.plan): "cuda" selects the
-# Triton custom ops, whose fake implementations give each op's outputs without launching anything.
-_PLANNED_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("repbend_planned_device", default=None)
+AUTO_TORCH_ONLY = os.environ.get(ENV_IMPL, "") == "torch"
+# The device type "auto" resolves for while a step is planned on fake tensors (repbend.plan): "cuda" selects the
+# Triton custom ops, whose fake implementations give each op's outputs without launching anything. A plain module
+# global (torch.compile traces it; a ContextVar it cannot); planning is single-threaded.
+_planned = {"device": None}
 
 
 def interpreter_on() -> bool:
@@ -35,9 +36,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    kind = _PLANNED_DEVICE.get() or device.type
+    kind = _planned["device"] or device.type
     if impl == "auto":
-        if os.environ.get(ENV_IMPL) == "torch":
+        if AUTO_TORCH_ONLY:
             return "torch"
         return "triton" if kind == "cuda" else "torch"
     if impl == "triton" and kind != "cuda" and not interpreter_on():
@@ -53,11 +54,11 @@ def planned_device(kind: str):
     """Resolve implementations as if every tensor were on a `kind` device ("cuda" or "cpu"). For fake tensors only
     (repbend.plan runs a step under FakeTensorMode, where the custom ops' fake implementations run, never a
     kernel)."""
-    token = _PLANNED_DEVICE.set(kind)
+    before, _planned["device"] = _planned["device"], kind
     try:
         yield
     finally:
-        _PLANNED_DEVICE.reset(token)
+        _planned["device"] = before
 
 
 def num_chunks(n: int, block: int) -> int:

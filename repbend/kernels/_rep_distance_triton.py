@@ -147,6 +147,7 @@ def _rep_distance_fwd_kernel(
 @triton.jit(do_not_specialize=SHAPE_ARGS_BWD)
 def _rep_distance_bwd_kernel(
     h_ptr, r_ptr, g_ptr,  # typed pointers (element types); g is contiguous [L', B, T, D]
+    up_ptr,  # contiguous [L', B, T, D] gradient arriving from elsewhere, added to g (ACCUMULATE only)
     tab_ptr,  # int64 [L', 3]: base address of hidden, ref and the layer index, per layer needing a grad (TABLE)
     slot_ptr,  # int32 [BT + 1] from the forward: masked row of each position, -1 if none
     buf_ptr,  # fp32 [7, L, N] from the forward
@@ -154,7 +155,7 @@ def _rep_distance_bwd_kernel(
     N, L, BT, T, D,
     h_stride_l, h_stride_b, h_stride_t, h_stride_d,
     r_stride_l, r_stride_b, r_stride_t, r_stride_d,
-    TABLE: tl.constexpr, ALIGNED: tl.constexpr, R_GATHERED: tl.constexpr,
+    TABLE: tl.constexpr, ALIGNED: tl.constexpr, R_GATHERED: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr,
 ):
     pos = tl.program_id(0)
@@ -176,6 +177,7 @@ def _rep_distance_bwd_kernel(
     else:
         r_row = r_base + b * r_stride_b + t * r_stride_t
     g_row = g_ptr + (j.to(tl.int64) * BT + pos64) * D
+    up_row = up_ptr + (j.to(tl.int64) * BT + pos64) * D
 
     row = buf_ptr + layer.to(tl.int64) * N + i
     field = tl.cast(L, tl.int64) * N  # tl.cast, not L.to(): a specialised L == 1 would be a plain int
@@ -198,6 +200,8 @@ def _rep_distance_bwd_kernel(
         h = tl.load(h_row + offs * h_stride_d, mask=ld, other=0.0).to(tl.float32)
         r = tl.load(r_row + offs * r_stride_d, mask=ld, other=0.0).to(tl.float32)
         g = a_d * (h - r) + a_r * r + a_h * h
+        if ACCUMULATE:
+            g += tl.load(up_row + offs, mask=in_row, other=0.0).to(tl.float32)
         tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -292,14 +296,18 @@ def _forward(hidden: list[torch.Tensor], ref: list[torch.Tensor], rows: torch.Te
 
 
 def _backward(grad_sums: torch.Tensor, buf: torch.Tensor, slot: torch.Tensor, hidden: list[torch.Tensor],
-              ref: list[torch.Tensor], ref_gathered: bool, layers: list[int]) -> torch.Tensor:
-    """Gradient [len(layers), B, T, D] in hidden's dtype for the listed layers (all of a stacked hidden)."""
+              ref: list[torch.Tensor], ref_gathered: bool, layers: list[int],
+              upstream: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient [len(layers), B, T, D] in hidden's dtype for the listed layers (all of a stacked hidden), plus
+    `upstream` (the same shape) when given."""
     ops = _Operands(hidden, ref, ref_gathered)
     L, BT, D, N = ops.L, ops.B * ops.T, ops.D, buf.shape[-1]
     dev, dtype = hidden[0].device, hidden[0].dtype
+    shape = (len(layers), ops.B, ops.T, D)
     if N == 0 or D == 0 or BT == 0 or not layers:
-        return torch.zeros((len(layers), ops.B, ops.T, D), dtype=dtype, device=dev)
-    grad = torch.empty((len(layers), ops.B, ops.T, D), dtype=dtype, device=dev)
+        return upstream.to(dtype).clone() if upstream is not None else torch.zeros(shape, dtype=dtype, device=dev)
+    grad = torch.empty(shape, dtype=dtype, device=dev)
+    up = grad if upstream is None else upstream.to(dtype).contiguous()
     if ops.table:
         addrs = [ops.addresses(layer) + [layer] for layer in layers]
         tab, aligned = pointer_table(addrs, dev, "rep_distance"), ops.table_aligned(addrs)
@@ -309,8 +317,8 @@ def _backward(grad_sums: torch.Tensor, buf: torch.Tensor, slot: torch.Tensor, hi
     g = grad_sums.detach().to(torch.float32).contiguous()
     with on_device(dev):
         _rep_distance_bwd_kernel[(BT, len(layers))](
-            ops.hs[0], ops.rs[0], grad, tab, slot, buf, g, N, L, BT, ops.T, D, *ops.h_strides, *ops.r_strides,
-            TABLE=ops.table, ALIGNED=aligned, R_GATHERED=ref_gathered, **cfg)
+            ops.hs[0], ops.rs[0], grad, up, tab, slot, buf, g, N, L, BT, ops.T, D, *ops.h_strides, *ops.r_strides,
+            TABLE=ops.table, ALIGNED=aligned, R_GATHERED=ref_gathered, ACCUMULATE=upstream is not None, **cfg)
     return grad
 
 
@@ -337,15 +345,88 @@ def _(hidden, ref, rows, ref_gathered):
 
 @torch.library.custom_op("repbend::rep_distance_bwd", mutates_args=(), tags=cudagraph_unsafe_tags())
 def rep_distance_bwd(grad_sums: torch.Tensor, buf: torch.Tensor, slot: torch.Tensor, hidden: list[torch.Tensor],
-                     ref: list[torch.Tensor], ref_gathered: bool, layers: list[int]) -> torch.Tensor:
-    """Gradient of sum(grad_sums * sums) in hidden, [len(layers), B, T, D], for the given layer indices."""
-    return _backward(grad_sums, buf, slot, hidden, ref, ref_gathered, layers)
+                     ref: list[torch.Tensor], ref_gathered: bool, layers: list[int],
+                     upstream: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of sum(grad_sums * sums) in hidden, [len(layers), B, T, D], for the given layer indices, plus
+    `upstream` ([len(layers), B, T, D]) when given."""
+    return _backward(grad_sums, buf, slot, hidden, ref, ref_gathered, layers, upstream)
 
 
 @rep_distance_bwd.register_fake
-def _(grad_sums, buf, slot, hidden, ref, ref_gathered, layers):
+def _(grad_sums, buf, slot, hidden, ref, ref_gathered, layers, upstream=None):
     h0 = hidden[0]
     return h0.new_empty((len(layers), *h0.shape[-3:]))
+
+
+class _Deferred:
+    """Per-layer gradients written as the backward reaches each layer (see `_setup_context`).
+
+    The op's backward stores the upstream gradients of the sums here and returns, for each deferred layer, a zero
+    placeholder that holds no memory; a hook on that layer's hidden state, which autograd runs once the layer's
+    whole gradient has arrived, replaces it by that gradient plus this op's term for the layer, in one kernel
+    launch. So only the layer being processed holds a slot, instead of all L layers' gradients from the start of the
+    backward (2.75 GiB for RepBend's 44 slots at Llama-3-8B, batch 4).
+
+    Only in a plain backward (`.backward()` without `inputs`): `torch.autograd.grad` returns the gradient of a
+    hidden state it is asked for before that tensor's hooks run (when the engine still needs to go past it), so
+    there the op writes every layer's gradient at once, as it always did. `probe_plain_backward` tells which."""
+
+    def __init__(self):
+        self.pending: dict[int, tuple] = {}  # layer index -> (grad_sums, buf, slot, hidden, ref, ref_gathered)
+        self.plain = False  # set by the probe just before each backward of the op
+
+
+class _PlainBackwardProbe(torch.autograd.Function):
+    """Identity on the sums; its backward (which runs right before the op's) records whether this backward is a
+    plain one: the engine then runs every node, a throwaway leaf's included (`torch._C._will_engine_execute_node`),
+    which `autograd.grad` and `backward(inputs=...)` skip."""
+
+    @staticmethod
+    def forward(ctx, sums, sentinel):
+        return sums.view_as(sums)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.state.plain = bool(torch._C._will_engine_execute_node(ctx.sentinel_node))
+        return grad, None
+
+
+def probe_plain_backward(sums: torch.Tensor) -> torch.Tensor:
+    """`sums` (the op's first output) through `_PlainBackwardProbe` when the op deferred its gradients."""
+    if torch.compiler.is_compiling():  # compiled: the op never defers (see _deferrable)
+        return sums
+    state = getattr(sums.grad_fn, "deferred", None)
+    if state is None:
+        return sums
+    sentinel = torch.empty(0, device=sums.device, requires_grad=True)
+    out = _PlainBackwardProbe.apply(sums, sentinel)
+    out.grad_fn.state = state
+    out.grad_fn.sentinel_node = torch.autograd.graph.get_gradient_edge(sentinel).node
+    return out
+
+
+def _deferrable(hidden) -> bool:
+    """Eager autograd on plain (or fake) tensors: not while torch.compile, AOTAutograd or a functional mode traces,
+    which run the whole backward as one op."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(h) in (torch.Tensor, torch.nn.Parameter, FakeTensor) for h in hidden)
+
+
+def _layer_hook(state_ref, index: int):
+    def hook(grad):
+        state = state_ref()
+        if state is None or index not in state.pending:
+            return grad  # a backward that did not go through this op
+        grad_sums, buf, slot, hidden, ref, ref_gathered = state.pending.pop(index)
+        if grad.dim() == 3 and grad.stride() == (0, 0, 0):  # only the placeholder arrived
+            up = None
+        else:
+            up = grad.unsqueeze(0)
+        return rep_distance_bwd(grad_sums, buf, slot, hidden, ref, ref_gathered, [index], up)[0]
+    return hook
 
 
 def _setup_context(ctx, inputs, output):
@@ -357,6 +438,14 @@ def _setup_context(ctx, inputs, output):
     ctx.needs = [h.requires_grad for h in hidden]
     ctx.save_for_backward(buf, slot, *hidden, *ref)
     ctx.mark_non_differentiable(buf, slot)
+    # A list of per-layer outputs: each layer's gradient is written when autograd reaches that layer (_Deferred).
+    ctx.deferred = None
+    if not ctx.stacked and any(ctx.needs) and _deferrable(hidden):
+        import weakref
+        ctx.deferred = _Deferred()  # held by the graph; the hooks only refer to it weakly
+        for i, h in enumerate(hidden):
+            if ctx.needs[i]:
+                h.register_hook(_layer_hook(weakref.ref(ctx.deferred), i))
 
 
 def _autograd_backward(ctx, grad_sums, grad_buf, grad_slot):
@@ -371,6 +460,18 @@ def _autograd_backward(ctx, grad_sums, grad_buf, grad_slot):
         return [None] * ctx.n_hidden, no_ref, None, None
     if grad_sums is None:
         grad_sums = buf.new_zeros((SUM_ROWS, buf.shape[1]))
+    plain = ctx.deferred is not None and ctx.deferred.plain
+    if plain:
+        ctx.deferred.plain = False
+        args = (grad_sums.detach(), buf, slot, list(hidden), list(ref), ctx.ref_gathered)
+        out = []
+        for i, h in enumerate(hidden):
+            if ctx.needs[i]:
+                ctx.deferred.pending[i] = args
+                out.append(h.new_zeros(()).expand(h.shape))  # the hook on hidden[i] writes the real gradient
+            else:
+                out.append(None)
+        return out, no_ref, None, None
     grad = rep_distance_bwd(grad_sums, buf, slot, list(hidden), list(ref), ctx.ref_gathered, layers)
     if ctx.stacked:
         return [grad], no_ref, None, None

@@ -24,7 +24,7 @@ from torch import nn
 
 from ._dispatch import resolve_impl
 from ._rep_distance_triton import (  # noqa: F401 (the kernels: importable from here, where they used to live)
-    COS_EPS, _rep_distance_bwd_kernel, _rep_distance_fwd_kernel, launch_config, rep_distance_fwd)
+    COS_EPS, _rep_distance_bwd_kernel, _rep_distance_fwd_kernel, launch_config, probe_plain_backward, rep_distance_fwd)
 from .reference import RepDistance, mask_rows, rep_distance_torch
 
 __all__ = ["RepDistance", "rep_distance", "RepDistanceLoss", "COS_EPS", "launch_config"]
@@ -139,6 +139,9 @@ def rep_distance(hidden: Layers, ref: Layers, mask: torch.Tensor, impl: str = "a
     Differentiable in hidden only. Gradients come back in hidden's form (stacked tensor or one tensor per layer)
     and dtype; unselected tokens get zero gradient. Under torch.compile the Triton path is one custom op
     (repbend::rep_distance_fwd, backward repbend::rep_distance_bwd): no graph break, no guard on addresses.
+    With a list of per-layer tensors, a plain `.backward()` writes each layer's gradient when autograd reaches that
+    layer (added to what arrives from the layers above, in one launch), so the backward holds one layer's gradient
+    instead of all L (repbend/kernels/_rep_distance_triton.py, `_Deferred`).
     """
     stacked, hs, shape = _check_hidden(hidden)
     L, B, T, D = shape
@@ -154,7 +157,7 @@ def rep_distance(hidden: Layers, ref: Layers, mask: torch.Tensor, impl: str = "a
         return rep_distance_torch(hidden, ref, rows)
 
     sums, _, _ = rep_distance_fwd(hs, [t.detach() for t in rs], rows, gathered)
-    l2, cos, relu_cos, sq = sums.unbind(0)
+    l2, cos, relu_cos, sq = probe_plain_backward(sums).unbind(0)
     count = torch.full((), N, dtype=torch.int64, device=device)
     return RepDistance(l2, cos, count, relu_cos, sq)
 

@@ -40,7 +40,7 @@ def _rep_distance_fwd(hidden, ref, rows, ref_gathered, **_):
     return 9 * L * rows.shape[0] * D
 
 
-def _rep_distance_bwd(grad_sums, buf, slot, hidden, ref, ref_gathered, layers, **_):
+def _rep_distance_bwd(grad_sums, buf, slot, hidden, ref, ref_gathered, layers, upstream=None, **_):
     _, D = _layers_d(hidden)
     return 6 * len(layers) * buf.shape[-1] * D
 
