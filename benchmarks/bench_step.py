@@ -76,6 +76,7 @@ def _reset_peak(device) -> str:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return "cuda_max_memory_allocated"
+    _steady_rss()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
@@ -94,6 +95,32 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def _steady_rss() -> None:
+    """glibc raises its mmap threshold to the size of every mmapped block freed (up to 32 MiB), after which freed
+    tensors stay in the heap and the resident set keeps the high-water mark of everything ever allocated. Fixing
+    the threshold at 128 KiB (which also stops the raising) returns each tensor's pages when it is freed, so that
+    the resident set follows the live tensors (what `repbend plan` predicts)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: the resident set as it comes
+        pass
+
+
+def _peak_reserved(device) -> dict:
+    """GPU: the caching allocator's peak reservation and what the device holds besides (CUDA context, library
+    workspaces, other processes): together, what a card of that size must hold."""
+    import torch
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    reserved_now = torch.cuda.memory_reserved(device)
+    return {"peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+            "device_other_bytes": int(total - free - reserved_now), "device_total_bytes": int(total)}
+
+
 def _peak(device, kind: str) -> int:
     import torch
     if device.type == "cuda":
@@ -109,7 +136,10 @@ def _is_oom(e: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------- one variant (the worker)
-def run_variant(a: argparse.Namespace, variant: str, measure_matmul: bool = False) -> dict:
+def run_variant(a: argparse.Namespace, variant: str, measure_matmul: bool = False,
+                models: dict | None = None) -> dict:
+    """One variant's steps. `models` (a dict kept by the caller): the model of each method is built once and reused
+    by the method's next variants, its trained tensors put back as built (see `_model_for`)."""
     import torch
 
     from repbend.model import resolve_attention
@@ -132,8 +162,9 @@ def run_variant(a: argparse.Namespace, variant: str, measure_matmul: bool = Fals
     times, cpu_times, rates, useful, positions, phase_log = [], [], [], [], [], []
     kind = None
     try:
-        model, n_layers, res["n_params"] = build_model(spec, device, dtype, attn, checkpointing, a.lora_dropout,
-                                                       a.seed, method=method)
+        model, n_layers, res["n_params"], res["model_reused"] = _model_for(
+            models, method, lambda: build_model(spec, device, dtype, attn, checkpointing, a.lora_dropout, a.seed,
+                                                method=method))
         loss_cfg = loss_config(method, n_layers, a.scale, a.eta)
         micros = micro_batches(spec.vocab, B, a.seed, a.warmup + a.steps, a.scale, method=method)
         step = make_step(variant, model, loss_cfg, n_layers, device, autocast, phases, a.scale)
@@ -171,6 +202,8 @@ def run_variant(a: argparse.Namespace, variant: str, measure_matmul: bool = Fals
             import traceback
             traceback.print_exc()
     res["peak_mem_bytes"] = _peak(device, kind) if kind else None
+    if kind:
+        res.update(_peak_reserved(device))
     res["step_s"] = statistics.median(times) if times and res["status"] == "ok" else None
     res["step_s_all"] = times
     res["step_cpu_s"] = statistics.median(cpu_times) if cpu_times else None
@@ -187,6 +220,36 @@ def run_variant(a: argparse.Namespace, variant: str, measure_matmul: bool = Fals
         except Exception as e:  # noqa: BLE001
             res["matmul_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return res
+
+
+def _model_for(models: dict | None, method: str, build) -> tuple:
+    """(model, n_layers, n_params, reused): the method's model from `models` when a variant built it before, with
+    the tensors that train (LoRA) restored to their values as built; else a new build (kept there when what
+    trains is small: a model whose every weight trains, as RMU's plain model, is rebuilt, since its variants change
+    and cut it)."""
+    import gc
+
+    import torch
+
+    if models is not None and method in models:
+        model, n_layers, n_params, saved = models[method]
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+                p.grad = None
+        return model, n_layers, n_params, True
+    if models:  # another method's model: free it first
+        models.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    model, n_layers, n_params = build()
+    if models is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        total = sum(p.numel() for p in model.parameters())
+        if sum(p.numel() for p in params) <= 0.1 * total:
+            models[method] = (model, n_layers, n_params, [(p, p.detach().clone()) for p in params])
+    return model, n_layers, n_params, False
 
 
 def batch_size(a: argparse.Namespace, method: str) -> int:
@@ -235,29 +298,76 @@ def layout_overhead(a: argparse.Namespace, variants: list[str], n_batches: int =
     return out
 
 
-def run_isolated(a: argparse.Namespace, argv: list[str], job: str, timeout: float | None = None,
+def run_isolated(a: argparse.Namespace, argv: list[str], jobs: list[str], timeout: float | None = None,
                  extra: tuple[str, ...] = ()) -> dict:
-    """Run `job` (a variant) in its own Python process; its JSON result, or a failure record."""
+    """Run `jobs` (consecutive variants of one method) in one Python process, which builds the method's model once;
+    {variant: its JSON result, or a failure record}. The worker writes its results file after each variant, so a
+    timeout keeps what finished."""
     out = Path(a.output)
-    result_file, log_file = out / f".worker_{_slug(job)}.json", out / f"worker_{_slug(job)}.log"
+    name = _slug(jobs[0]) + (f"_and_{len(jobs) - 1}" if len(jobs) > 1 else "")
+    result_file, log_file = out / f".worker_{name}.json", out / f"worker_{name}.log"
     result_file.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--device", a.device, "--worker", job,
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--device", a.device, "--worker", ",".join(jobs),
            "--result-file", str(result_file), *extra]
+    why = None
     try:
         with open(log_file, "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
         rc = proc.returncode
     except subprocess.TimeoutExpired:
-        return {"variant": job, "method": METHOD_OF[job], "status": "timeout",
-                "error": f"stopped after {timeout:.0f} s (--worker-timeout / --time-budget)"}
-    if rc == 0 and result_file.exists():
-        res = json.loads(result_file.read_text())
-        result_file.unlink()
-        return res
-    tail = log_file.read_text()[-800:] if log_file.exists() else ""
-    why = f"killed by signal {-rc} (out of memory?)" if rc < 0 else f"exit code {rc}"
-    return {"variant": job, "method": METHOD_OF[job], "status": "failed",
-            "error": f"{why}; see {log_file}: ...{tail}"}
+        rc, why = None, ("timeout", f"stopped after {timeout:.0f} s (--worker-timeout / --time-budget)")
+    done = json.loads(result_file.read_text()) if result_file.exists() else {}
+    result_file.unlink(missing_ok=True)
+    if why is None and rc != 0:
+        tail = log_file.read_text()[-800:] if log_file.exists() else ""
+        sig = f"killed by signal {-rc} (out of memory?)" if rc < 0 else f"exit code {rc}"
+        why = ("failed", f"{sig}; see {log_file}: ...{tail}")
+    out_results = {}
+    for job in jobs:
+        if job in done:
+            out_results[job] = done[job]
+        else:
+            status, error = why or ("failed", f"the worker ended without a result; see {log_file}")
+            out_results[job] = {"variant": job, "method": METHOD_OF[job], "status": status, "error": error}
+    return out_results
+
+
+def variant_plans(a: argparse.Namespace, variants: list[str]) -> dict | None:
+    """Each variant planned on fake tensors with this run's settings and micro-batches (repbend.plan.bench), or
+    read from --plan-from; None with --plan off."""
+    if a.plan_from:
+        try:
+            return json.loads(Path(a.plan_from).read_text())
+        except (OSError, ValueError) as e:
+            print(f"[bench] no plans from {a.plan_from}: {e}", flush=True)
+            return None
+    if a.plan == "off":
+        return None
+    import torch
+
+    from repbend.plan.bench import bench_setup, plan_runs
+
+    device = "cuda" if a.device.startswith("cuda") else "cpu"
+    dtype = _dtype(a.dtype, _device(a.device))
+    ckpt = None if a.gradient_checkpointing == "auto" else a.gradient_checkpointing == "on"
+    threads = torch.get_num_threads()
+    try:
+        return plan_runs(variants, lambda m: bench_setup(a.model, m, device, dtype, ckpt, batch_size(a, m),
+                                                         a.warmup + a.steps, a.seed, a.scale, a.eta),
+                         a.warmup, log=lambda m: print(f"[bench] {m}", flush=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def worker_groups(a: argparse.Namespace, variants: list[str]) -> list[list[str]]:
+    """Consecutive variants of one method share a worker (and its model) when --share-model is on."""
+    groups: list[list[str]] = []
+    for v in variants:
+        if a.share_model and groups and METHOD_OF[groups[-1][-1]] == METHOD_OF[v]:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
 
 
 def _slug(s: str) -> str:
@@ -297,6 +407,13 @@ def parse_args(argv):
                    help="seconds for the whole run: variants that no longer fit are recorded as skipped")
     p.add_argument("--in-process", action="store_true",
                    help="run the variants in this process (peak memory not isolated)")
+    p.add_argument("--plan", choices=("on", "off"), default="on",
+                   help="plan every variant on fake tensors (repbend plan) for its FLOPs per useful token and "
+                        "predicted peak, printed beside the measurement")
+    p.add_argument("--plan-from", default=None, help="read those plans from this JSON (python -m repbend.plan.bench)")
+    p.add_argument("--share-model", choices=("auto", "on", "off"), default="auto",
+                   help="run consecutive variants of a method in one worker that builds the model once (auto: on "
+                        "a GPU, where each variant's peak is reset; on the CPU every variant gets its own process)")
     p.add_argument("--phases", action="store_true", help="GPU: synchronize at phase boundaries to time them")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler table of one extra step per variant")
     p.add_argument("--threads", type=int, default=None,
@@ -314,6 +431,7 @@ def parse_args(argv):
     gpu = a.device.startswith("cuda")
     a.warmup = a.warmup if a.warmup is not None else (2 if gpu else 1)
     a.threads = a.threads or (None if gpu else 1)
+    a.share_model = a.share_model == "on" or (a.share_model == "auto" and gpu)
     if a.warmup < 1 or a.steps < 1:
         p.error("--warmup and --steps must be at least 1 (step 0 is the loss check)")
     methods = [m for m in a.methods.split(",") if m]
@@ -338,8 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     try:
         if a.worker:
-            res = run_variant(a, a.worker, a.measure_matmul)
-            Path(a.result_file).write_text(json.dumps(res))
+            models, done = {}, {}
+            for i, v in enumerate(a.worker.split(",")):
+                done[v] = run_variant(a, v, a.measure_matmul and i == 0, models)
+                Path(a.result_file).write_text(json.dumps(done))
             return 0
         return run_all(a, argv)
     finally:
@@ -352,29 +472,33 @@ def run_all(a: argparse.Namespace, argv: list[str]) -> int:
     Path(a.output).mkdir(parents=True, exist_ok=True)
     variants = a.variants.split(",")
     results, tflops = {}, None
-    for v in variants:
-        timeout = a.worker_timeout
+    models = {} if a.in_process else None
+    for group in worker_groups(a, variants):
+        timeout = a.worker_timeout * len(group) if a.worker_timeout else None
         if a.time_budget:
             left = a.time_budget - (time.monotonic() - t_start)
             if left < 20:
-                results[v] = {"variant": v, "method": METHOD_OF[v], "status": "skipped",
-                              "error": f"--time-budget {a.time_budget:g} s spent"}
-                jsonl_record(a, v, results[v], None)
+                for v in group:
+                    results[v] = {"variant": v, "method": METHOD_OF[v], "status": "skipped",
+                                  "error": f"--time-budget {a.time_budget:g} s spent"}
+                    jsonl_record(a, v, results[v], None)
                 continue
             timeout = min(timeout or left, left)
-        print(f"[bench] {a.model}: {v} ...", flush=True)
+        print(f"[bench] {a.model}: {', '.join(group)} ...", flush=True)
         matmul = tflops is None and a.device.startswith("cuda")  # once, in the first worker, after its steps
         if a.in_process:
-            results[v] = run_variant(a, v, matmul)
+            got = {v: run_variant(a, v, matmul and i == 0, models) for i, v in enumerate(group)}
         else:
-            results[v] = run_isolated(a, argv, v, timeout, ("--measure-matmul",) if matmul else ())
-        r = results[v]
-        tflops = tflops or r.get("bf16_matmul_tflops")
-        jsonl_record(a, v, r, tflops)
-        print(f"[bench] {v}: {r.get('status')} step {r.get('step_s')} s, loss {r.get('loss')}", flush=True)
+            got = run_isolated(a, argv, group, timeout, ("--measure-matmul",) if matmul else ())
+        for v in group:
+            r = results[v] = got[v]
+            tflops = tflops or r.get("bf16_matmul_tflops")
+            jsonl_record(a, v, r, tflops)
+            print(f"[bench] {v}: {r.get('status')} step {r.get('step_s')} s, loss {r.get('loss')}", flush=True)
     spent = time.monotonic() - t_start
     late = a.time_budget is not None and a.time_budget - spent < 15  # the padding figures are the first to go
-    table = summarize(a, results, tflops, None if late else layout_overhead(a, variants))
+    plans = None if late else variant_plans(a, variants)
+    table = summarize(a, results, tflops, None if late else layout_overhead(a, variants), plans)
     text = format_table(a, table, tflops)
     write_outputs(a, table, tflops, text)
     jsonl_record(a, "summary", None, tflops, table)

@@ -15,8 +15,9 @@ MFU_METHODS = ("repbend", "circuit_breakers")
 _RECORDS: dict = {}  # RMU's passes stop at its layer: 6N per token does not apply
 
 
-def summarize(a, results: dict, tflops: float | None, overhead: dict | None = None) -> dict:
-    """Per variant: the fixed keys, ratios against its method's reference, and the loss check."""
+def summarize(a, results: dict, tflops: float | None, overhead: dict | None = None, plans: dict | None = None) -> dict:
+    """Per variant: the fixed keys, ratios against its method's reference, the loss check, and (with `plans`, from
+    repbend.plan.bench) the planned FLOPs per useful token and peak beside the measured ones."""
     rtol = a.loss_rtol if a.loss_rtol is not None else (1e-4 if _dtype(a.dtype, _device(a.device)).itemsize == 4
                                                         else 5e-2)
     table = {}
@@ -38,12 +39,18 @@ def summarize(a, results: dict, tflops: float | None, overhead: dict | None = No
         e["loss_rel_diff"] = _loss_diff(r, base) if e["loss"] is not None and base_loss is not None else None
         e["loss_ok"] = None if e["loss_rel_diff"] is None else e["loss_rel_diff"] <= rtol
         e["positions_per_useful_32"] = (overhead or {}).get(v)
+        plan, ref_plan = (plans or {}).get(v) or {}, (plans or {}).get(REFERENCE_OF[method]) or {}
+        e["plan_flops_per_token"] = plan.get("flops_per_token")
+        e["plan_flops_vs_reference"] = _ratio(plan.get("flops_per_token"), ref_plan.get("flops_per_token"))
+        e["plan_peak_bytes"] = plan.get("peak_bytes")
+        e["plan_kinds"] = plan.get("kinds")
+        e["plan_error"] = plan.get("error")
         e.update(model=a.model, device=a.device, dtype=str(_dtype(a.dtype, _device(a.device))).replace("torch.", ""),
                  steps=a.steps, warmup=a.warmup, loss_rtol=rtol, reference=REFERENCE_OF[method],
                  flops_per_token=6 * r["n_params"] if r.get("n_params") and method in MFU_METHODS else None)
         for k in ("error", "terms", "tokens_per_step", "positions_per_pass", "step_s_all", "step_cpu_s",
                   "peak_mem_kind", "mem_before_steps", "phases_s", "attn", "checkpointing", "n_params", "threads",
-                  "batch_size"):
+                  "batch_size", "peak_reserved_bytes", "device_other_bytes", "device_total_bytes", "model_reused"):
             e[k] = r.get(k)
         table[v] = e
     return {v: table[v] for v in sorted(table, key=lambda v: _order(v, table))}
@@ -85,7 +92,12 @@ def format_table(a, table: dict, tflops: float | None) -> str:
         ("tok/step", 9, lambda e, v: e["tokens_per_step"], ",.0f"),
         ("pos/pass", 9, lambda e, v: e["positions_per_pass"], ",.0f"),
         ("peak GiB", 10, lambda e, v: None if e["peak_mem_bytes"] is None else e["peak_mem_bytes"] / 2**30, ".2f"),
-        ("x ref", 7, lambda e, v: e["mem_vs_reference"], ".2f"), ("MFU", 7, lambda e, v: e["mfu"], ".1%"),
+        ("x ref", 7, lambda e, v: e["mem_vs_reference"], ".2f"),
+        ("plan GiB", 9, lambda e, v: None if e.get("plan_peak_bytes") is None else e["plan_peak_bytes"] / 2**30,
+         ".2f"),
+        ("GFLOP/tok", 10, lambda e, v: None if e.get("plan_flops_per_token") is None
+         else e["plan_flops_per_token"] / 1e9, ".3g"),
+        ("x ref", 7, lambda e, v: e.get("plan_flops_vs_reference"), ".2f"), ("MFU", 7, lambda e, v: e["mfu"], ".1%"),
         ("vs mm", 7, lambda e, v: e["mfu_vs_matmul"], ".1%"),
         ("loss", 14, lambda e, v: e["loss"], ".8f"), ("rel diff", 9, lambda e, v: e["loss_rel_diff"], ".1e")]
 
@@ -110,9 +122,18 @@ def format_table(a, table: dict, tflops: float | None) -> str:
     fast = {v: e["tokens_per_s"] for v, e in table.items() if v.startswith("repbend") and e["tokens_per_s"]}
     if len(fast) > 1:
         lines.append(f"fastest repbend layout: {max(fast, key=fast.get)}")
+    if any(e.get("plan_peak_bytes") for e in table.values()):
+        lines.append("plan GiB, GFLOP/tok: repbend plan of the same variant, settings and micro-batches on fake tensors "
+                     "(allocated bytes; FLOPs of the timed micro-batches, matmuls, attention and the fused ops)")
+    if any(e.get("peak_reserved_bytes") for e in table.values()):
+        lines.append("peak GiB is max_memory_allocated; reserved and the device's other use (context): " + ", ".join(
+            f"{v} {e['peak_reserved_bytes'] / 2**30:.2f} + {e['device_other_bytes'] / 2**30:.2f}"
+            for v, e in table.items() if e.get("peak_reserved_bytes")))
     for v, e in table.items():
         if e.get("error"):
             lines.append(f"{v}: {e['error'][:300]}")
+        if e.get("plan_error"):
+            lines.append(f"{v}: plan failed: {e['plan_error'][:300]}")
     return "\n".join(lines)
 
 
@@ -150,7 +171,8 @@ def write_outputs(a, table: dict, tflops, text: str) -> None:
     out = Path(a.output)
     fixed = ("step_s", "tokens_per_s", "peak_mem_bytes", "mfu", "loss")
     (out / "results.json").write_text(json.dumps(table, indent=2))
-    cols = ["variant", "method", "status", *fixed, "mfu_vs_matmul", "step_cpu_s", "speedup_vs_reference",
+    cols = ["variant", "method", "status", *fixed, "plan_peak_bytes", "plan_flops_per_token", "peak_reserved_bytes",
+            "mfu_vs_matmul", "step_cpu_s", "speedup_vs_reference",
             "mem_vs_reference", "loss_rel_diff", "loss_ok", "tokens_per_step", "positions_per_pass",
             "positions_per_useful_32", "model", "device", "dtype", "batch_size", "steps", "warmup", "threads",
             "peak_mem_kind", "checkpointing", "attn"]
@@ -184,7 +206,9 @@ def jsonl_record(a, variant: str, r: dict | None, tflops: float | None, table: d
     rec = _RECORDS.setdefault(a.jsonl, Records(a.jsonl, "step"))  # one clock for the run's lines
     if table is not None:
         keep = ("method", "status", "tokens_per_s", "peak_mem_bytes", "mfu", "mfu_vs_matmul", "speedup_vs_reference",
-                "mem_vs_reference", "loss", "loss_rel_diff", "loss_ok", "positions_per_useful_32", "batch_size")
+                "mem_vs_reference", "loss", "loss_rel_diff", "loss_ok", "positions_per_useful_32", "batch_size",
+                "peak_reserved_bytes", "device_other_bytes", "plan_peak_bytes", "plan_flops_per_token",
+                "plan_flops_vs_reference", "plan_kinds")
         rec.write(f"{a.model}/summary", "ok", bf16_matmul_tflops=tflops, peak_tflops=a.peak_tflops,
                   variants={v: {k: e.get(k) for k in keep} for v, e in table.items()})
         return
@@ -197,4 +221,6 @@ def jsonl_record(a, variant: str, r: dict | None, tflops: float | None, table: d
               loss=r.get("loss"), terms=r.get("terms"), n_params=r.get("n_params"), batch_size=r.get("batch_size"),
               tokens_per_step=r.get("tokens_per_step"), positions_per_pass=r.get("positions_per_pass"),
               attn=r.get("attn"), checkpointing=r.get("checkpointing"), bf16_matmul_tflops=tflops,
-              error=r.get("error"))
+              peak_reserved_gib=None if r.get("peak_reserved_bytes") is None else r["peak_reserved_bytes"] / 2**30,
+              device_other_gib=None if r.get("device_other_bytes") is None else r["device_other_bytes"] / 2**30,
+              model_reused=r.get("model_reused"), error=r.get("error"))

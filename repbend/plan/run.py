@@ -48,6 +48,7 @@ class Setup:
     lora_layers: list[int] | None = None  # None: the benchmark's recipe layers
     steps: int = 1                      # micro-batches planned (0, 1, ...); the peak is the largest
     seed: int = 42
+    scale: float = 1.0                  # the step benchmark's --scale (sequence lengths, padding, pack length)
     gpus: int = 1
     strategy: str = "ddp"
 
@@ -66,6 +67,10 @@ class VariantPlan:
     uncounted_ops: list[str]
     fused_buffers: tuple                # (op, bytes) of the fused op holding internal buffers at the peak
     unsharded_peak_bytes: int
+    steps_flops: list[int] = field(default_factory=list)      # per planned micro-batch
+    steps_useful: list[int] = field(default_factory=list)
+    steps_positions: list[int] = field(default_factory=list)
+    steps_peak_bytes: list[int] = field(default_factory=list)  # unsharded
 
     @property
     def flops_per_token(self) -> float:
@@ -120,7 +125,8 @@ def plan_variant(setup: Setup, variant: str) -> VariantPlan:
     model = workload.meta_model(setup.config, setup.dtype, setup.checkpointing, setup.lora, layers)
     mode = fake_mode()
     fake_model(model, mode)
-    micros = workload.micro_batches(setup.config.vocab_size, setup.batch_size, setup.seed, setup.steps, setup.method)
+    micros = workload.micro_batches(setup.config.vocab_size, setup.batch_size, setup.seed, setup.steps, setup.method,
+                                    setup.scale)
     meter = StepMeter()
     phases = _Phases(meter, model)
     gpu = setup.device == "cuda"
@@ -131,7 +137,7 @@ def plan_variant(setup: Setup, variant: str) -> VariantPlan:
     meter.adopt(list(model.parameters()) + list(model.buffers()))
     with planned_device(setup.device), _as_fsdp(model, fsdp), mode, BoundedSizes(), meter:
         step = sv.make_step(variant, model, setup.loss_cfg, n_layers, torch.device("cpu"), autocast, phases,
-                            pack_length=setup.pack_length)
+                            setup.scale, pack_length=setup.pack_length)
         meter.mark(MODEL)  # what make_step set up: the trained tensors, frozen copies
         model.train()
         passes = contextlib.nullcontext()
@@ -168,7 +174,8 @@ def plan_variant(setup: Setup, variant: str) -> VariantPlan:
         useful_tokens=sum(useful) / steps, positions=sum(positions) / steps,
         flops_by_phase={k: v / steps for k, v in rep.flops_by_phase.items()},
         flops_by_op={k: v / steps for k, v in rep.flops_by_op.items()}, uncounted_ops=rep.uncounted,
-        fused_buffers=rep.peak_transient, unsharded_peak_bytes=total)
+        fused_buffers=rep.peak_transient, unsharded_peak_bytes=total, steps_flops=flops, steps_useful=useful,
+        steps_positions=positions, steps_peak_bytes=[p[0] for p in peaks])
 
 
 def _sharded(kinds: dict, peak: int, model, gpus: int) -> tuple[dict, int]:

@@ -95,9 +95,9 @@ def meta_model(config, dtype: torch.dtype, checkpointing: bool, lora, lora_layer
     return model
 
 
-def micro_batches(vocab: int, batch_size: int, seed: int, count: int, method: str):
+def micro_batches(vocab: int, batch_size: int, seed: int, count: int, method: str, scale: float = 1.0):
     sw, _ = bench_modules()
-    return sw.micro_batches(vocab, batch_size, seed, count, 1.0, method=method)
+    return sw.micro_batches(vocab, batch_size, seed, count, scale, method=method)
 
 
 def recipe_loss(method: str, n_layers: int, eta: float = 0.0):
