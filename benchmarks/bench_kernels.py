@@ -246,7 +246,8 @@ def liger_available() -> tuple[bool, str]:
 
 
 CSV_FIELDS = ["op", "provider", "mode", "device", "dtype", "L", "N", "D", "V", "ms", "peak_mib", "read_gbps",
-              "frac_copy_bw", "status", "note", "BT", "bytes", "gbps", "mode_frac_copy_bw"]
+              "frac_copy_bw", "status", "note", "BT", "bytes", "gbps", "mode_frac_copy_bw", "kernel_ms",
+              "kernel_gbps", "kernel_frac_copy_bw"]
 
 
 def providers_for(op: str, device: str, interpret: bool, use_compile: bool) -> tuple[list[str], list[str]]:
@@ -319,8 +320,12 @@ def print_bandwidth_goal(rows: list[dict], copy_bw: float) -> None:
                 and r["N"] < r["BT"]):
             share = f" = {100 * r['gbps'] / copy_bw:.0f}% of the copy's {copy_bw:.0f} GB/s (goal >= 80%)" \
                 if copy_bw == copy_bw else ""
+            kernels = (f"; kernels alone (profiler) {r['kernel_ms']:.3f} ms, {r['kernel_gbps']:.0f} GB/s"
+                       + (f" = {100 * r['kernel_gbps'] / copy_bw:.0f}%" if copy_bw == copy_bw else "")
+                       if r.get("kernel_ms", float("nan")) == r.get("kernel_ms", float("nan")) else "")
             print(f"rep_distance bandwidth configuration (L={r['L']}, D={r['D']}, {r['N']} of {r['BT']} rows, "
-                  f"{r['dtype']}), {r['provider']}: fwd+bwd {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s{share}")
+                  f"{r['dtype']}), {r['provider']}: fwd+bwd {r['ms']:.3f} ms back to back, {r['gbps']:.0f} GB/s"
+                  f"{share}{kernels}")
 
 
 def main(argv=None) -> int:
@@ -375,6 +380,8 @@ def main(argv=None) -> int:
                     nbytes = {"forward": case.read_bytes, "backward": case.bwd_bytes,
                               "full": case.read_bytes + case.bwd_bytes}[r["mode"]] if case.bwd_bytes else 0
                     mode_gbps = nbytes / (r["ms"] * 1e-3) / 1e9 if nbytes and ok else float("nan")
+                    k_ms = r.get("kernel_ms", float("nan"))
+                    kernel_gbps = nbytes / (k_ms * 1e-3) / 1e9 if nbytes and ok and k_ms == k_ms else float("nan")
                     rows.append({
                         "op": op, "provider": case.provider, "mode": r["mode"], "device": device,
                         "dtype": shape["dtype"], "L": shape.get("L", ""), "N": shape["N"], "D": shape["D"],
@@ -383,6 +390,8 @@ def main(argv=None) -> int:
                         "status": r["status"], "note": case.note, "BT": shape.get("BT", ""),
                         "bytes": nbytes or "", "gbps": mode_gbps,
                         "mode_frac_copy_bw": mode_gbps / copy_bw if copy_bw == copy_bw else float("nan"),
+                        "kernel_ms": k_ms, "kernel_gbps": kernel_gbps,
+                        "kernel_frac_copy_bw": kernel_gbps / copy_bw if copy_bw == copy_bw else float("nan"),
                     })
                 print(f"  {op:16s} {case.provider:12s} {shape}  full "
                       f"{fmt(rows[-1]['ms'])} ms ({rows[-1]['status']})", flush=True)

@@ -336,8 +336,12 @@ def variant_plans(a: argparse.Namespace, variants: list[str]) -> dict | None:
     """Each variant planned on fake tensors with this run's settings and micro-batches (repbend.plan.bench), or
     read from --plan-from; None with --plan off."""
     if a.plan_from:
+        path, waited = Path(a.plan_from), 0.0
+        while not path.exists() and waited < a.plan_wait:  # written (renamed into place) when the planner ends
+            time.sleep(1.0)
+            waited += 1.0
         try:
-            return json.loads(Path(a.plan_from).read_text())
+            return json.loads(path.read_text())
         except (OSError, ValueError) as e:
             print(f"[bench] no plans from {a.plan_from}: {e}", flush=True)
             return None
@@ -411,6 +415,7 @@ def parse_args(argv):
                    help="plan every variant on fake tensors (repbend plan) for its FLOPs per useful token and "
                         "predicted peak, printed beside the measurement")
     p.add_argument("--plan-from", default=None, help="read those plans from this JSON (python -m repbend.plan.bench)")
+    p.add_argument("--plan-wait", type=float, default=0.0, help="seconds to wait for --plan-from to appear")
     p.add_argument("--share-model", choices=("auto", "on", "off"), default="auto",
                    help="run consecutive variants of a method in one worker that builds the model once (auto: on "
                         "a GPU, where each variant's peak is reset; on the CPU every variant gets its own process)")

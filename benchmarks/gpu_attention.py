@@ -155,6 +155,9 @@ def methods_available() -> list[str]:
     return out
 
 
+COMPILE_NEED_S = 45  # flex_attention's cold compile (fp32 or bf16, forward and backward): 20-40 s each
+
+
 def plan(device) -> list[tuple[str, str, object]]:
     """(method, backend, dtype) in run order: the cheap ones first, flex_attention (compiles) last."""
     f32, bf16 = torch.float32, torch.bfloat16
@@ -179,29 +182,36 @@ def main(argv=None) -> int:
     p.add_argument("--jsonl", default=None)
     p.add_argument("--time-limit", type=float, default=None)
     p.add_argument("--skip", default="", help="comma-separated backends not to run (recorded as skipped)")
+    p.add_argument("--only", default="", help="comma-separated backends to run, nothing else")
     a = p.parse_args(argv)
     skip = [b for b in a.skip.split(",") if b]
+    only = [b for b in a.only.split(",") if b]
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     rec = Records(a.jsonl, "attention")
     deadline = Deadline(a.time_limit)
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is None:
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is None and not only:
         rec.write("repbend/flash_attention_2/bf16", "skipped", error="flash-attn is not installed")
     for method in ("circuit_breakers", "rmu"):
-        if method not in methods_available():
+        if method not in methods_available() and not only:
             rec.write(f"{method}/sdpa/fp32", "skipped", error=f"repbend.loss has no {method} objective yet")
     truths: dict[str, dict] = {}
     bad = 0
     for method, attn, dtype in plan(device):
         name = f"{method}/{attn}/{_dn(dtype)}"
-        if attn in skip:
-            rec.write(name, "skipped", error=f"--skip {attn}" + (" (covered on the CPU by "
-                      "tests/test_attention_layouts.py)" if attn == "flex_attention" else ""))
+        if only and attn not in only:
             continue
-        if deadline.over():
-            rec.write(name, "skipped", error="stage time limit reached")
+        if attn in skip:
+            rec.write(name, "skipped", error=f"--skip {attn}" + (
+                " (it compiles for 20-40 s: benchmarks/gpu_check.sh runs it in its own stage, last, when time is "
+                "left; tests/test_attention_layouts.py covers it on the CPU)" if attn == "flex_attention" else ""))
+            continue
+        need = COMPILE_NEED_S if attn == "flex_attention" else 0
+        if deadline.over(need):
+            rec.write(name, "skipped", error="stage time limit reached" + (
+                f" ({deadline.left():.0f} s left, a flex_attention compile takes 20-40 s)" if need else ""))
             continue
         try:
             truth = None

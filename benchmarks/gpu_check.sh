@@ -9,17 +9,27 @@
 #   bash benchmarks/gpu_check.sh --dry-run OUT_DIR    every stage that can run on the CPU, at tiny sizes
 #
 # Stages (each one process, under `timeout`; each writes JSON lines to OUT_DIR/results.jsonl as results come):
-#   env        benchmarks/gpu_env.py        versions, device, optional packages
+#   env        benchmarks/gpu_env.py        versions, device, optional packages; whether Triton can build its
+#                                           launchers (C compiler, Python.h) and launch a kernel: if not, every
+#                                           later stage runs with REPBEND_KERNELS=torch (said in one line)
 #   parity     benchmarks/gpu_parity.py     every kernel path the trainer uses, Triton vs eager vs float64
 #   attention  benchmarks/gpu_attention.py  packed = unpacked (loss, gradients) on every attention backend present
-#   kernels    benchmarks/gpu_kernels.py    rep_distance fwd+bwd bandwidth vs a device copy (+ bench_kernels.py's)
+#                                           but flex_attention (its cold compile takes 20-40 s a dtype)
+#   kernels    benchmarks/gpu_kernels.py    rep_distance fwd+bwd bandwidth vs a device copy, calls back to back and
+#                                           the kernels' profiler time (+ bench_kernels.py's)
 #   step       benchmarks/bench_step.py     Llama-3-8B-shaped step: repbend, Circuit Breakers and RMU against their
-#                                           reference re-creations (tokens/s, peak GiB, MFU, same loss)
+#                                           reference re-creations (tokens/s, peak GiB allocated and reserved, MFU,
+#                                           same loss), one worker and one model build per method; beside each
+#                                           measured peak, the plan's prediction
 #   dist       benchmarks/gpu_dist.py       ddp and fsdp training runs under torchrun --nproc_per_node 1
+#   flex       benchmarks/gpu_attention.py --only flex_attention, with a minute left
 #   kernel_tests  pytest of the kernel tests on CUDA, only with time left and pytest installed
+# Meanwhile `python -m repbend.plan.bench` plans the step's variants on fake tensors on the CPUs (OUT_DIR/step/
+# plan.json), which the step stage prints beside its measurements.
 # then benchmarks/gpu_summary.py prints the stage table, the step table and the goal table (last).
 # OUT_DIR ends up with results.jsonl, gpu_check.log (this whole console), summary.txt (rewritten after every stage),
-# bench_kernels.csv and step_bench.png (when matplotlib is installed): five files, one folder.
+# bench_kernels.csv, and step/ (the step stage's table, results.json and .csv, each worker's log, the plan and its
+# log, step_bench.png when matplotlib is installed): every result stays under OUT_DIR; only caches are temporary.
 # Environment: PYTHON (default python3; .venv/bin/python in a dry run when present), GPU_CHECK_BUDGET (seconds,
 # default 450; dry run 300).
 set -u
@@ -35,7 +45,8 @@ J=$OUT_DIR/results.jsonl
 exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
 TEE_PID=$!
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
-cleanup() { rm -rf "$WORK"; }
+PLAN_PID=
+cleanup() { [ -n "$PLAN_PID" ] && kill $PLAN_PID 2> /dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
 T0=$SECONDS
 if [ $DRY = 1 ]; then BUDGET=${GPU_CHECK_BUDGET:-300}; else BUDGET=${GPU_CHECK_BUDGET:-450}; fi
@@ -122,38 +133,61 @@ else
     DEV=cuda; INTERP=""; SMALL=""
 fi
 
-stage env 25 "$PY" benchmarks/gpu_env.py --jsonl "$J"
+STEP_OUT=$OUT_DIR/step
+mkdir -p "$STEP_OUT"
+if [ $DRY = 1 ]; then
+    STEP_VARIANTS=repbend,reference,circuit_breakers,cb_reference,rmu,rmu_reference
+    PLAN_ARGS="--model tiny --device cpu --scale 0.125 --warmup 1 --steps 1 --variants $STEP_VARIANTS"
+else
+    PLAN_ARGS="--model llama3-8b --device cuda --warmup 1 --steps 2"
+fi
+# the plan of the step stage's variants, on one CPU core while the GPU works (the step stage reads it at its end)
+OMP_NUM_THREADS=1 "$PY" -m repbend.plan.bench $PLAN_ARGS --output "$STEP_OUT/plan.json" > "$STEP_OUT/plan.log" 2>&1 &
+PLAN_PID=$!
+
+stage env 25 "$PY" benchmarks/gpu_env.py --jsonl "$J" --impl-file "$WORK/kernels_impl"
+if [ "$(cat "$WORK/kernels_impl" 2>/dev/null)" = torch ]; then
+    export REPBEND_KERNELS=torch
+    echo "=== Triton cannot build or launch its kernels here (see the env line): the stages run impl=torch"
+fi
 
 # each stage's own (soft) time limit sits a little under the hard one: what does not fit is recorded as skipped
 L=$(limit_for 70)
 stage parity $L $INTERP "$PY" benchmarks/gpu_parity.py --device $DEV $SMALL --jsonl "$J" --time-limit $((L - 8))
 
-if [ $DRY = 1 ]; then
-    ATTN_EXTRA="--skip flex_attention"  # its CPU compile takes ~20 s; tests/test_attention_layouts.py covers it
-else
-    ATTN_EXTRA=""
-fi
+# flex_attention compiles cold for 20-40 s a dtype: its own stage, last, when time is left
 L=$(limit_for 55)
-stage attention $L "$PY" benchmarks/gpu_attention.py --device $DEV --jsonl "$J" --time-limit $((L - 8)) $ATTN_EXTRA
+stage attention $L "$PY" benchmarks/gpu_attention.py --device $DEV --jsonl "$J" --time-limit $((L - 8)) \
+    --skip flex_attention
 
 L=$(limit_for 55)
 stage kernels $L $INTERP "$PY" benchmarks/gpu_kernels.py --device $DEV $SMALL --jsonl "$J" --csv-out "$OUT_DIR" \
     --time-limit $((L - 8))
 
 if [ $DRY = 1 ]; then
-    STEP_ARGS="--model tiny --device cpu --scale 0.125 --steps 1 --warmup 1 --in-process
-               --variants repbend,reference,circuit_breakers,cb_reference,rmu,rmu_reference"
+    STEP_ARGS="--model tiny --device cpu --scale 0.125 --steps 1 --warmup 1 --in-process --variants $STEP_VARIANTS"
 else
     STEP_ARGS="--model llama3-8b --device cuda --steps 2 --warmup 1 --worker-timeout 110"
 fi
 L=$(limit_for 200)
-stage step $L "$PY" benchmarks/bench_step.py $STEP_ARGS --time-budget $((L - 12)) --output "$WORK/step" --jsonl "$J"
-[ -f "$WORK/step/step_bench.png" ] && cp "$WORK/step/step_bench.png" "$OUT_DIR/"
-[ -f "$WORK/step/table.txt" ] && cat "$WORK/step/table.txt"
+stage step $L "$PY" benchmarks/bench_step.py $STEP_ARGS --time-budget $((L - 12)) --output "$STEP_OUT" --jsonl "$J" \
+    --plan-from "$STEP_OUT/plan.json" --plan-wait 20
+[ -f "$STEP_OUT/table.txt" ] && cat "$STEP_OUT/table.txt"
 
 L=$(limit_for 45)
 stage dist $L "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/gpu_dist.py --jsonl "$J" \
     --time-limit $((L - 8)) --work "$WORK/dist" $([ $DRY = 1 ] && echo "--methods repbend --steps 2")
+
+left=$((BUDGET - $(now) - RESERVE))
+if [ $DRY = 1 ]; then
+    line flex flex_attention skipped 0 "dry run: its CPU compile takes ~20 s; tests/test_attention_layouts.py covers it"
+elif [ $left -lt 60 ]; then
+    line flex flex_attention skipped 0 "${left}s left: a flex_attention compile takes 20-40 s a dtype"
+else
+    stage flex $((left - 10)) "$PY" benchmarks/gpu_attention.py --device $DEV --jsonl "$J" \
+        --time-limit $((left - 18)) --only flex_attention
+fi
+kill $PLAN_PID 2>/dev/null  # a plan still running has nothing left to inform
 
 left=$((BUDGET - $(now) - RESERVE))
 if [ $DRY = 1 ]; then

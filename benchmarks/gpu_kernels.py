@@ -10,7 +10,10 @@ Two measurements, each written as JSON lines (stage "kernels") as soon as it exi
 2. Our own, the trainer's call at L = 11 target layers, D = 4096, bf16: the trained pass's L outputs [R, T, D]
    (R*T ~ 16k positions: synthetic Llama-3 micro-batches of B = 8, packed into rows of 1024 as the trainer does),
    a gathered reference [L, N, D] and the flat indices of the unsafe rows' response tokens (the "realistic mask":
-   about a fifth of the positions). Timed with CUDA events, median of --repeats after warm-up:
+   about a fifth of the positions). Timed with CUDA events around BATCH calls back to back (the host's launch work
+   overlaps the device's, as in training; one call on an idle device would count ~0.6 ms of host time against
+   ~1 ms of traffic), median of --repeats after warm-up; and the kernels' own device time from torch.profiler
+   (kernel_* fields):
      forward   l2 of rep_distance(...)                      bytes = 2 L N D s (hidden and reference rows read)
      fwd+bwd   l2.sum().backward() included                 bytes = 4 L N D s + L R T D s (rows read again, and
                                                             the gradient of every position written)
@@ -97,7 +100,12 @@ def copy_gbps(torch, device, nbytes: int, repeats: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+BATCH = 10  # calls back to back per timed sample on a GPU
+
+
 def _time_ms(torch, device, fn, repeats: int, warmup: int = 2) -> float:
+    """Milliseconds per call: on a GPU the mean of BATCH calls back to back between two events, median over
+    `repeats`; on a CPU one call each."""
     for _ in range(warmup):  # and compilation
         fn()
     times = []
@@ -106,10 +114,11 @@ def _time_ms(torch, device, fn, repeats: int, warmup: int = 2) -> float:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             a.record()
-            fn()
+            for _ in range(BATCH):
+                fn()
             b.record()
             b.synchronize()
-            times.append(a.elapsed_time(b))
+            times.append(a.elapsed_time(b) / BATCH)
         else:
             t0 = time.perf_counter()
             fn()
@@ -166,9 +175,17 @@ def own_measurement(rec: Records, device_name: str, small: bool, repeats: int) -
         bytes_f = 2 * L * N * D * s
         bytes_fb = 4 * L * N * D * s + L * P * D * s
         gb_f, gb_fb = bytes_f / (ms_f * 1e-3) / 1e9, bytes_fb / (ms_fb * 1e-3) / 1e9
+        kernel = {}
+        if device.type == "cuda":
+            from kernel_timing import Device, kernel_ms
+            k_ms = kernel_ms(Device("cuda"), full)
+            if k_ms == k_ms:
+                k_gb = bytes_fb / (k_ms * 1e-3) / 1e9
+                kernel = dict(kernel_fwd_bwd_ms=k_ms, kernel_fwd_bwd_gbps=k_gb, kernel_fwd_bwd_frac_copy=k_gb / copy)
         rec.write(f"rep_distance/{impl}", "ok", source="gpu_kernels", fwd_ms=ms_f, fwd_bwd_ms=ms_fb, fwd_gbps=gb_f,
                   fwd_bwd_gbps=gb_fb, fwd_frac_copy=gb_f / copy, fwd_bwd_frac_copy=gb_fb / copy,
-                  bytes_fwd=bytes_f, bytes_fwd_bwd=bytes_fb, **shape)
+                  bytes_fwd=bytes_f, bytes_fwd_bwd=bytes_fb, back_to_back=BATCH if device.type == "cuda" else 1,
+                  **kernel, **shape)
 
 
 def main(argv=None) -> int:

@@ -65,6 +65,11 @@ def test_dry_run_covers_each_kernel_path_method_and_strategy(dry_run):
     assert set(summary["variants"]) == {"repbend", "reference", "circuit_breakers", "cb_reference", "rmu",
                                         "rmu_reference"}
     assert all(e["loss_ok"] for e in summary["variants"].values())
+    # the plan's prediction beside each measured peak, and its FLOPs per useful token
+    assert all(e["plan_peak_bytes"] > 0 and e["plan_flops_per_token"] > 0 for e in summary["variants"].values())
+    env = next(x for x in lines if x["stage"] == "env")
+    assert env["kernels"] == "triton" and env["triton_launch"] == "ok"
+    assert ("flex", "flex_attention") in {(x["stage"], x["name"]) for x in lines if x["status"] == "skipped"}
     dist = {x["name"]: x for x in lines if x["stage"] == "dist"}
     assert dist["repbend/ddp"]["ddp_gradient_averages"] >= dist["repbend/ddp"]["steps"]
     assert dist["repbend/fsdp"]["dtensor_params"] == dist["repbend/fsdp"]["trained_tensors"] > 0
@@ -73,8 +78,13 @@ def test_dry_run_covers_each_kernel_path_method_and_strategy(dry_run):
 def test_dry_run_outputs_fit_the_device_tool_and_end_with_the_goal_table(dry_run):
     proc, out, _ = dry_run
     files = sorted(p.name for p in out.iterdir())
-    assert {"results.jsonl", "gpu_check.log", "summary.txt", "bench_kernels.csv"} <= set(files) and len(files) <= 8
-    assert all(p.is_file() for p in out.iterdir())  # one folder, no sub-folders
+    assert {"results.jsonl", "gpu_check.log", "summary.txt", "bench_kernels.csv", "step"} <= set(files)
+    assert len(files) <= 8 and [p.name for p in out.iterdir() if p.is_dir()] == ["step"]
+    # the step stage's detailed results stay (the script once wrote them to a temporary folder it deleted)
+    step = {p.name for p in (out / "step").iterdir()}
+    assert {"results.json", "table.txt", "plan.json", "plan.log"} <= step
+    assert all(p.is_file() for p in (out / "step").iterdir())
+    assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) < 20 * 2**20
     tail = proc.stdout.strip().splitlines()[-6:]
     assert tail[0].startswith("goal") and tail[-1].startswith("=== gpu_check done")
     goals = tail[1:5]
@@ -168,3 +178,28 @@ def test_records_write_complete_lines_and_name_an_oom(tmp_path):
     assert got[0]["value"] == "nan" and got[0]["t_"] == 2.5 and line["status"] == got[1]["status"] == "oom"
     with pytest.raises(ValueError):
         rec.write("c", "fine")
+
+
+def test_env_falls_back_to_eager_kernels_when_triton_cannot_build(tmp_path):
+    """No C compiler (or no Python.h): every Triton path would fail; the env stage says so in one line and tells
+    the script to run the rest with REPBEND_KERNELS=torch."""
+    impl = tmp_path / "impl"
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc")}
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_env.py"), "--jsonl", str(tmp_path / "r.jsonl"),
+                           "--impl-file", str(impl)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert impl.read_text().strip() == "torch"
+    line = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])
+    assert line["kernels"] == "torch" and "no-such-cc" in line["triton_launch"]
+    assert sum("Triton cannot run its kernels here" in x for x in proc.stdout.splitlines()) == 1
+    script = (BENCH / "gpu_check.sh").read_text()
+    assert "export REPBEND_KERNELS=torch" in script
+
+
+def test_auto_resolves_to_the_eager_kernels_with_repbend_kernels_torch():
+    code = ("import torch; from repbend.kernels._dispatch import resolve_impl; "
+            "print(resolve_impl('auto', torch.device('cuda')), resolve_impl('triton', torch.device('cuda')))")
+    for value, want in (("torch", "torch triton"), ("", "triton triton")):
+        env = {**os.environ, "REPBEND_KERNELS": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.stdout.split()[-2:] == want.split(), out.stderr

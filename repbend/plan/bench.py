@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -72,8 +73,10 @@ def main(argv=None) -> int:
         return bench_setup(a.model, method, a.device, dtype, None, b, a.warmup + a.steps, a.seed, a.scale)
     plans = plan_runs(a.variants.split(","), setup_of, a.warmup,
                       log=lambda m: print(f"[plan] {m}", file=sys.stderr, flush=True))
-    with open(a.output, "w") as fh:
+    tmp = a.output + ".part"
+    with open(tmp, "w") as fh:  # renamed into place: a reader never sees half a file
         json.dump(plans, fh, default=str)
+    os.replace(tmp, a.output)
     return 0
 
 
