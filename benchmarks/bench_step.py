@@ -224,9 +224,9 @@ def run_variant(a: argparse.Namespace, variant: str, measure_matmul: bool = Fals
 
 def _model_for(models: dict | None, method: str, build) -> tuple:
     """(model, n_layers, n_params, reused): the method's model from `models` when a variant built it before, with
-    the tensors that train (LoRA) restored to their values as built; else a new build (kept there when what
-    trains is small: a model whose every weight trains, as RMU's plain model, is rebuilt, since its variants change
-    and cut it)."""
+    the tensors that train (LoRA) restored to their values as built; else a new build (kept there when it has
+    frozen weights: a model whose every weight may train, as RMU's plain model, is rebuilt, since its variants
+    change and cut it)."""
     import gc
 
     import torch
@@ -246,8 +246,7 @@ def _model_for(models: dict | None, method: str, build) -> tuple:
     model, n_layers, n_params = build()
     if models is not None:
         params = [p for p in model.parameters() if p.requires_grad]
-        total = sum(p.numel() for p in model.parameters())
-        if sum(p.numel() for p in params) <= 0.1 * total:
+        if len(params) < len(list(model.parameters())):  # adapters on a frozen model
             models[method] = (model, n_layers, n_params, [(p, p.detach().clone()) for p in params])
     return model, n_layers, n_params, False
 

@@ -194,3 +194,31 @@ def test_repbend_bench_entry_point_imports_on_its_own(tmp_path):
                        cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "--model" in p.stdout and "llama3-8b" in p.stdout and "--methods" in p.stdout
+
+
+def test_a_worker_per_method_builds_its_model_once(tmp_path):
+    """--share-model (on by default on a GPU): consecutive variants of a method run in one worker, which builds the
+    model once and puts the trained tensors back as built before each variant (else the reference's loss would
+    differ from the method's); a model whose every weight trains (RMU's) is rebuilt."""
+    rc = bs.main(["--model", "tiny", "--steps", "1", "--scale", str(SCALE), "--device", "cpu", "--share-model", "on",
+                  "--variants", "repbend,reference,repbend+padded,rmu,rmu_reference", "--plan", "off",
+                  "--output", str(tmp_path)])
+    assert rc == 0
+    res = _check_outputs(tmp_path, ["repbend", "reference", "repbend+padded", "rmu", "rmu_reference"])
+    assert sorted(p.name for p in tmp_path.glob("worker_*.log")) == ["worker_repbend_and_2.log",
+                                                                     "worker_rmu_and_1.log"]
+    assert [res[v]["model_reused"] for v in ("repbend", "reference", "repbend+padded")] == [False, True, True]
+    assert not res["rmu_reference"]["model_reused"]
+
+
+def test_every_variant_gets_its_plan(tmp_path):
+    rc = bs.main(["--model", "tiny", "--steps", "1", "--scale", str(SCALE), "--device", "cpu", "--in-process",
+                  "--variants", "repbend,reference", "--output", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    for v, e in res.items():
+        assert e["plan_flops_per_token"] > 0 and e["plan_peak_bytes"] > 0 and e["plan_error"] is None, v
+    assert res["repbend"]["plan_flops_vs_reference"] < 1 < res["reference"]["plan_flops_per_token"] / \
+        res["repbend"]["plan_flops_per_token"]
+    text = (tmp_path / "table.txt").read_text()
+    assert "GFLOP/tok" in text and "plan GiB" in text
