@@ -20,7 +20,7 @@ import torch
 from ..errors import ConfigError
 from ..model import LoraSettings
 from . import workload
-from .report import GIB, Report, Verdict, needed_bytes
+from .report import GIB, Report, Verdict, combined_table, needed_bytes
 from .run import Setup, plan_variant
 
 DEFAULT_MFU = 0.40
@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
                         "config.json or a model directory (default: the recipe's model.path, else llama3-8b)")
     p.add_argument("--config", default=None, help="a recipe YAML (repbend train --config)")
     p.add_argument("--method", "--loss.method", dest="method", default=None,
-                   help="the method (default: the recipe's, else repbend)")
+                   help="the method, or all (every method of the step benchmark; default: the recipe's, else "
+                        "repbend)")
     p.add_argument("--batch-size", "--train.batch_size", dest="batch_size", type=int, default=None,
                    help="rows per set per micro-batch and GPU (default: the recipe's, else the benchmark's)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the run uses (memory is per GPU)")
@@ -185,8 +186,24 @@ def verdict(s: Setup, v, gpu_mem: float, log=None) -> Verdict:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    s = setup_from_args(a)
     log = None if a.json else (lambda m: print(f"[plan] {m}", file=sys.stderr, flush=True))
+    if a.method == "all":
+        sw, _ = workload.bench_modules()
+        reports = []
+        for m in sw.METHODS:
+            a.method = m
+            s = setup_from_args(a)
+            if log:
+                log(f"{m}:")
+            reports.append(plan(s, reference=not a.no_reference, mfu=a.mfu, peak_tflops=a.peak_tflops,
+                                gpu_mem=a.gpu_mem, log=log))
+        if a.json:
+            import json
+            print(json.dumps({r.settings["method"]: r.to_json() for r in reports}, indent=2, default=str))
+        else:
+            print(combined_table(reports))
+        return 0
+    s = setup_from_args(a)
     rep = plan(s, reference=not a.no_reference, mfu=a.mfu, peak_tflops=a.peak_tflops, gpu_mem=a.gpu_mem, log=log)
     print(rep.dumps() if a.json else rep.table())
     return 0

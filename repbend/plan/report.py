@@ -96,3 +96,31 @@ class Report:
                          "CUDA context and workspaces)")
             lines += [f"  {a}" for a in vd.advice]
         return "\n".join(lines)
+
+
+def combined_table(reports: list[Report]) -> str:
+    """One row per planned variant of several methods (`repbend plan --method all`)."""
+    first = reports[0].settings
+    lines = [f"repbend plan: {first['model']}, {first['gpus']} GPU(s) {first['strategy']}, {first['dtype']} on "
+             f"{first['device']}, checkpointing {'on' if first['checkpointing'] else 'off'}, packing "
+             f"{first['pack_length'] or 'off'}, {first['steps']} micro-batch(es) (seed {first['seed']}); tokens/s "
+             f"per GPU at {reports[0].mfu:.0%} MFU of {reports[0].peak_tflops:g} TFLOP/s",
+             "| method | variant | batch | peak GiB/GPU | params | activations | reference | temporaries | GFLOP/token "
+             "| positions/token | tokens/s/GPU | x FLOPs | x memory |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for rep in reports:
+        for name, v in rep.variants.items():
+            ratio = [rep.ratio(name, k) for k in (lambda x: x.flops_per_token, lambda x: x.peak_bytes)]
+            own_ref = rep.reference_of.get(name) == name
+            cells = [rep.settings["method"], name, str(rep.settings["batch_size"]), f"{v.peak_bytes / GIB:.2f}",
+                     f"{v.kinds['parameters'] / GIB:.2f}", f"{v.kinds['activations'] / GIB:.2f}",
+                     f"{v.kinds['reference'] / GIB:.2f}", f"{v.kinds['temporaries'] / GIB:.2f}",
+                     f"{v.flops_per_token / 1e9:.1f}", f"{v.positions_per_token:.2f}", f"{rep.tokens_per_s(v):,.0f}"]
+            cells += ["-" if r is None or own_ref else f"{r:.2f}" for r in ratio]
+            lines.append("| " + " | ".join(cells) + " |")
+    for rep in reports:
+        if rep.verdict:
+            vd = rep.verdict
+            lines.append(f"{rep.settings['method']}: fits {vd.gpu_mem_gib:g} GiB: {'yes' if vd.fits else 'NO'} (needs "
+                         f"about {vd.needed_gib:.1f} GiB)" + "".join(f"; {a}" for a in vd.advice))
+    return "\n".join(lines)

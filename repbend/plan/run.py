@@ -17,6 +17,7 @@ layer), which the fake step reproduces.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -122,7 +123,8 @@ def plan_variant(setup: Setup, variant: str) -> VariantPlan:
     sw, sv = workload.bench_modules()
     n_layers = workload.n_layers_of(setup.config)
     layers = workload.lora_layers_for(setup.method, n_layers, setup.lora_layers)
-    model = workload.meta_model(setup.config, setup.dtype, setup.checkpointing, setup.lora, layers)
+    # a copy: a variant may change the config (the RMU reference cuts the model to L+1 layers)
+    model = workload.meta_model(copy.deepcopy(setup.config), setup.dtype, setup.checkpointing, setup.lora, layers)
     mode = fake_mode()
     fake_model(model, mode)
     micros = workload.micro_batches(setup.config.vocab_size, setup.batch_size, setup.seed, setup.steps, setup.method,
