@@ -175,7 +175,7 @@ def verdict(s: Setup, v, gpu_mem: float, log=None) -> Verdict:
         candidates.append(("--train.pack_length 512", {"pack_length": 512}))
     for flag, changes in candidates:
         p, n = tried(flag, **changes)
-        out.advice.append(f"{flag}: needs about {n:.1f} GiB ({p.flops_per_token / 1e9:.1f} GFLOP per useful token)")
+        out.advice.append(f"{flag}: needs about {n:.1f} GiB ({p.flops_per_token / 1e9:.3g} GFLOP per useful token)")
         if n <= gpu_mem:
             out.advice[-1] += " -> fits: change this"
             break
