@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None):
     torch.manual_seed(a.seed)  # LoRA A's initialisation draws from the global generator
     model = attach_lora(model, LoraSettings(r=8, alpha=16, dropout=0.05), layers_to_transform=range(4))
     pools = build_pools(tokenizer, paths["wildguardmix"], paths["wildjailbreak"], paths["ultrachat"],
-                        request_only=False, limits=Limits(max_response_tokens=48, max_retain_tokens=96), seed=a.seed)
+                        limits=Limits(max_response_tokens=48, max_retain_tokens=96), seed=a.seed)
     rows = micro_batch_dataset(pools, batch_size=a.batch_size, num_rows=a.steps * a.grad_accum, seed=a.seed)
 
     args = TrainingArguments(

@@ -19,10 +19,10 @@ import yaml
 
 from .config_fields import Group, Layers, parse_layers
 from .errors import ConfigError
-from .loss.config import LOSS_MODES, METHODS, REQUEST_ONLY_MODES, LossConfig
+from .loss.config import LossConfig
 
 __all__ = ["RepBendConfig", "ModelConfig", "DataConfig", "LoraConfig", "LossConfig", "TrainConfig",
-           "DistributedConfig", "ConfigError", "parse_layers", "LOSS_MODES", "METHODS", "REQUEST_ONLY_MODES"]
+           "DistributedConfig", "ConfigError", "parse_layers"]
 
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
@@ -229,6 +229,9 @@ class RepBendConfig:
             sub = d.get(name) or {}
             if not isinstance(sub, dict):
                 raise ConfigError(f"{source}: group {name!r} must be a mapping of keys, got {type(sub).__name__}")
+            if group_cls is LossConfig:  # its keys are the chosen method's (LossConfig names a wrong one)
+                kwargs[name] = LossConfig(**sub)
+                continue
             known = [f.name for f in dataclasses.fields(group_cls)]
             for key in sub:
                 if key not in known:
@@ -238,7 +241,8 @@ class RepBendConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: (g.to_dict() if isinstance(g := getattr(self, f.name), LossConfig) else dataclasses.asdict(g))
+                for f in dataclasses.fields(self)}
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "RepBendConfig":

@@ -88,6 +88,20 @@ def load_tokenizer(path: str, key: str = "model.path"):
     return tok
 
 
+def model_depth(path: str) -> int:
+    """The number of decoder layers of the model at `path`, from its config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    check_model_path(path)
+    with _loading("config", path, "model.path"):
+        config = AutoConfig.from_pretrained(path)
+    config = getattr(config, "get_text_config", lambda: config)()
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"model.path: the config in {path} has no num_hidden_layers")
+    return n
+
+
 def load_model_and_tokenizer(path: str, *, adapter: str | None = None, dtype: str | torch.dtype = "auto",
                              device: str = "auto", attn_implementation: str = "auto", liger: bool = False):
     """Load an HF causal LM (local directory, or a hub name where the network allows) and its tokenizer.

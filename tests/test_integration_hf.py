@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def setup(tmp_path_factory):
     paths = write_demo_data(tmp_path_factory.mktemp("data"), seed=0, n_train=48, n_heldout=8)
     tok = build_tokenizer(corpus())
-    pools = build_pools(tok, paths["wildguardmix"], paths["wildjailbreak"], paths["ultrachat"], request_only=False,
+    pools = build_pools(tok, paths["wildguardmix"], paths["wildjailbreak"], paths["ultrachat"],
                         limits=Limits(max_response_tokens=40, max_retain_tokens=80), seed=0)
     return tok, pools
 
@@ -319,7 +319,7 @@ def _ddp_worker(out: str, grad_accum: int) -> None:
     torch.set_num_threads(1)
     paths = write_demo_data(Path(out) / f"data{rank}", seed=0, n_train=48, n_heldout=8)  # a folder per rank
     tok = build_tokenizer(corpus())
-    pools = build_pools(tok, paths["wildguardmix"], paths["wildjailbreak"], paths["ultrachat"], request_only=False,
+    pools = build_pools(tok, paths["wildguardmix"], paths["wildjailbreak"], paths["ultrachat"],
                         limits=Limits(max_response_tokens=40, max_retain_tokens=80), seed=0)
     rows = micro_batch_dataset(pools, batch_size=2, num_rows=2 * grad_accum * world, seed=3)
     # U = 1..2 with alpha_mode target and no KL term: the adapters of layer 2 get no gradient at all

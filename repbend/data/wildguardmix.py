@@ -47,7 +47,7 @@ def _label(row: dict, origin: str, name: str, allowed: tuple[str, ...]) -> str |
     return norm
 
 
-def classify(origin: str, row: dict, *, request_only: bool) -> tuple[str, WGMRow | str]:
+def classify(origin: str, row: dict, *, request_only: bool = False) -> tuple[str, WGMRow | str]:
     """-> ("safe" | "unsafe", WGMRow) for a selected row, ("left", reason) for one the rules leave out.
     Raises DataError for invalid input (module docstring)."""
     prompt = get_text(row, origin, "prompt")
@@ -76,7 +76,7 @@ def classify(origin: str, row: dict, *, request_only: bool) -> tuple[str, WGMRow
     return label, WGMRow(origin, prompt, response, label)
 
 
-def read_wildguardmix(source, report, *, request_only: bool, skip_invalid: bool = False
+def read_wildguardmix(source, report, *, request_only: bool = False, skip_invalid: bool = False
                       ) -> tuple[list[WGMRow], list[WGMRow]]:
     """All selected rows of `source` as (safe, unsafe), in file order; counts go to `report`
     (a SourceReport: rows_read, qualified["safe"/"unsafe"], left by reason, skipped by reason)."""

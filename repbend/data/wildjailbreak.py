@@ -25,20 +25,20 @@ class WJPair:
     harmful: str | None
 
 
-def parse_pair(origin: str, row: dict, *, request_only: bool) -> tuple[str, WJPair | str]:
-    """-> ("pairs", WJPair) for a harmful row, ("left", reason) otherwise. Raises DataError."""
+def parse_pair(origin: str, row: dict, *, request_only: bool = False) -> tuple[str, WJPair | str]:
+    """-> ("pair", WJPair) for a harmful row, ("left", reason) otherwise. Raises DataError."""
     prompt_type = get_field(row, origin, "prompt_type")
     if prompt_type != "harmful":
         return "left", f"prompt_type {prompt_type!r}"
     prompt = get_text(row, origin, "prompt")
     if request_only:
-        return "pairs", WJPair(origin, prompt, None, None)
-    return "pairs", WJPair(origin, prompt, get_text(row, origin, "harmless_answer"),
+        return "pair", WJPair(origin, prompt, None, None)
+    return "pair", WJPair(origin, prompt, get_text(row, origin, "harmless_answer"),
                            get_text(row, origin, "harmful_answer"))
 
 
-def read_wildjailbreak(source, report, *, request_only: bool, skip_invalid: bool = False) -> list[WJPair]:
-    """All harmful rows of `source`, in file order; counts go to `report` (qualified["pairs"], left, skipped)."""
+def read_wildjailbreak(source, report, *, request_only: bool = False, skip_invalid: bool = False) -> list[WJPair]:
+    """All harmful rows of `source`, in file order; counts go to `report` (qualified["pair"], left, skipped)."""
     pairs = []
     parse = lambda origin, row: parse_pair(origin, row, request_only=request_only)  # noqa: E731
     for label, item in validated(source, parse, report, skip_invalid=skip_invalid,
@@ -46,6 +46,6 @@ def read_wildjailbreak(source, report, *, request_only: bool, skip_invalid: bool
         if label == "left":
             report.left[item] += 1
         else:
-            report.qualified["pairs"] += 1
+            report.qualified["pair"] += 1
             pairs.append(item)
     return pairs

@@ -66,7 +66,7 @@ def demo_config(model_dir: str, paths: dict, out: Path, seed: int, max_steps: in
                   "tensorboard": False},
     }
     for group, values in BASELINE_SETTINGS.get(method, {}).items():
-        d[group].update(values)
+        d[group] = dict(values) if group == "loss" else {**d[group], **values}  # a method's own loss keys only
     return RepBendConfig.from_dict(d)
 
 

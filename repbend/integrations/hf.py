@@ -79,6 +79,7 @@ from collections.abc import Mapping
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..errors import ConfigError
 from ..loss import LossConfig, MicroBatch, RepBendLoss, Sequence
 from ..loss.batch import StepBatch
 from ..loss.layout import layout_kind
@@ -184,15 +185,13 @@ class MicroBatchDataset(torch.utils.data.Dataset):
 
 
 def micro_batch_dataset(pools, batch_size: int, num_rows: int, *, seed: int = 42, group_by_length: bool = True,
-                        start: int = 0) -> MicroBatchDataset:
-    """Rows from `repbend.data.MicroBatchSampler(pools, batch_size, seed)`: row i = micro-batch start + i, B =
-    `batch_size` sequences per set (the composition the pools were built for: request-only, or another method's).
+                        start: int = 0, loss: RepBendLoss | LossConfig | None = None) -> MicroBatchDataset:
+    """Rows from `repbend.data.MicroBatchSampler(pools, batch_size, seed, loss)`: row i = micro-batch start + i,
+    with the composition of `loss`'s method (default: RepBend; the pools must be built with its `data_spec()`).
     `num_rows` = max_steps * gradient_accumulation_steps * world_size * per_device_train_batch_size for one pass."""
     from ..data.sampler import MicroBatchSampler
 
-    method = getattr(pools, "method", "repbend")  # whose composition: the pools were built for one method
-    sampler = MicroBatchSampler(pools, batch_size, seed, request_only=pools.request_only,
-                                group_by_length=group_by_length, **({"method": method} if method != "repbend" else {}))
+    sampler = MicroBatchSampler(pools, batch_size, seed, loss, group_by_length=group_by_length)
     return MicroBatchDataset(sampler, num_rows, start)
 
 
@@ -206,6 +205,8 @@ class RepBendCollator:
         if pack_length is not None and pack_length < 1:
             raise ValueError(f"RepBendCollator: pack_length must be >= 1 or None, got {pack_length}")
         self.pad_id, self.pack_length = int(pad_id), pack_length
+        # RepBend's L_cos reads each unsafe row's last request token: its rows need a request
+        self.need_request = "cos" in self.loss_fn.terms
 
     def __call__(self, features: list) -> dict:
         if not features:
@@ -214,7 +215,7 @@ class RepBendCollator:
         for i, row in enumerate(features):
             index = row.get("index", -1) if isinstance(row, Mapping) else -1
             micros.append(micro_batch_from_row(row, f"RepBendCollator: batch row {i} (dataset index {index})",
-                                               need_request=self.loss_fn.cfg.method == "repbend"))
+                                               need_request=self.need_request))
             indices.append(int(index) if index is not None else -1)
         batch = self.loss_fn.collate(merge_micro_batches(micros), self.pad_id, self.pack_length)
         real = torch.zeros(batch.shape, dtype=torch.long)
@@ -244,11 +245,10 @@ class RepBendTrainer(Trainer):
         self.loss_fn = loss if isinstance(loss, RepBendLoss) else RepBendLoss(loss or LossConfig())
         if model is None:
             raise TypeError("RepBendTrainer: give the model (a PEFT model with LoRA adapters)")
-        if self.loss_fn.cfg.method != "rmu" and not hasattr(model, "disable_adapter"):
-            raise TypeError(f"RepBendTrainer: {self.loss_fn.cfg.method} trains LoRA adapters and needs a PEFT model "
-                            f"(its reference pass disables them), got a {type(model).__name__}: wrap it with "
-                            "peft.get_peft_model(model, LoraConfig(...)) or repbend.model.attach_lora first")
-        self.loss_fn.prepare(model)
+        try:
+            self.loss_fn.prepare(model)
+        except ConfigError as e:  # e.g. a LoRA method given a plain model
+            raise TypeError(f"RepBendTrainer: {e}") from None
         if args is None:
             args = TrainingArguments(output_dir="trainer_output")
         args.remove_unused_columns = False
