@@ -76,24 +76,40 @@ def build_data(cfg: RepBendConfig, tokenizer, loss_fn):
                                 f"rows, and this file gives {'/'.join(SOURCES[name])} rows only: leave it out")
     limits = Limits(d.max_request_tokens, d.max_response_tokens, d.max_retain_tokens)
     return build_pools(tokenizer, d.wildguardmix, d.wildjailbreak, d.ultrachat, spec=spec, limits=limits,
-                       max_examples_per_pool=d.max_examples_per_pool, skip_invalid=d.skip_invalid, seed=cfg.train.seed)
+                       max_examples_per_pool=d.max_examples_per_pool, skip_invalid=d.skip_invalid, seed=cfg.train.seed,
+                       subset=d.subset)
 
 
 def describe_role(pools, role: str) -> str:
-    """What the files gave for `role`, for an error message."""
+    """What the files gave for `role`, for an error message (with the label values that left rows out)."""
     name = ROLE_SOURCE[role]
     rep = pools.report.sources.get(name)
     if rep is None:
         return f"no --data.{name} was given"
-    skipped = f", {rep.skipped.total} skipped as invalid" if rep.skipped.total else ""
-    left = f", {sum(rep.left.values())} left out by the label rules" if rep.left else ""
-    return (f"data.{name} {rep.source} gave {rep.taken.get(role, 0)} usable {role} rows ({rep.rows_read} read"
-            f"{skipped}{left})")
+    return f"data.{name} {rep.source} gave {rep.taken.get(role, 0)} usable {role} rows ({_counts(rep)})"
+
+
+def _counts(rep) -> str:
+    out = f"{rep.rows_read} read"
+    if rep.skipped.total:
+        out += f", {rep.skipped.total} skipped as invalid"
+    if rep.left:
+        seen = "; ".join(f"{n} x {reason}" for reason, n in rep.left.most_common(3))
+        out += f", {sum(rep.left.values())} left out by the label rules: {seen}"
+    return out
 
 
 def check_data(cfg: RepBendConfig, pools, loss_fn) -> None:
-    """Every term with a non-zero weight must have rows to read; else stop before step 1, naming the term, the set
-    and the file (the method's `check_data`)."""
+    """Every file the user named must give rows the method reads, and every term with a non-zero weight rows to
+    read; else stop before step 1, naming the file (with what it held), or the term, the set and the file (the
+    method's `check_data`)."""
+    from .data.pools import SOURCES
+
+    for name, rep in pools.report.sources.items():
+        roles = [r for r in SOURCES[name] if r in pools.spec.roles]
+        if not any(rep.taken.get(r, 0) for r in roles):
+            raise TrainingError(f"data.{name} {rep.source} gave no usable {'/'.join(roles)} rows ({_counts(rep)}): "
+                                "fix the file or leave it out")
     loss_fn.method.check_data(pools, lambda role: describe_role(pools, role))
 
 

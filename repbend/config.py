@@ -62,7 +62,11 @@ class DataConfig(Group):
     ultrachat: str | None = None
     """UltraChat conversations (messages) for the retain rows: a file or a hub name."""
     max_examples_per_pool: int = 10_000
-    """At most this many rows per pool (a seeded random subset when more qualify)."""
+    """At most this many rows per role (safe, unsafe, pair, retain): a seeded random subset when more qualify; the
+    retain chats as data.subset says."""
+    subset: str = field(default="first", metadata={"choices": ("first", "random")})
+    """Which retain (UltraChat) chats the cap keeps: first = the first ones in file order (the reference's rows),
+    random = a seeded random subset."""
     max_request_tokens: int = 512
     """A longer request keeps its BOS and its last tokens (the generation prompt survives)."""
     max_response_tokens: int = 512
@@ -74,8 +78,9 @@ class DataConfig(Group):
     group_by_length: bool = True
     """Put rows of similar length into the same micro-batch (less padding)."""
     empty_request_p: float = 0.5
-    """Circuit Breakers and RMU: chance that a row (all but WildJailbreak harmful ones) is drawn with an empty
-    instruction (user turn empty; an UltraChat row keeps its first reply only). Seeded; RepBend ignores it."""
+    """For the methods that draw empty instructions (Circuit Breakers, RMU): chance that a row (all but the
+    WildJailbreak harmful answers) gets an empty user turn (an UltraChat chat keeps its first reply only). Seeded;
+    the other methods ignore it."""
 
     def validate(self) -> None:
         for name in ("max_examples_per_pool", "max_request_tokens", "max_response_tokens", "max_retain_tokens"):

@@ -28,6 +28,9 @@ class DataSpec:
     empty_request_p: chance that a row (all but the harmful side of a pair) gets an empty instruction: its user
         turn is rendered empty, and a retain chat so drawn becomes that empty request plus its first reply.
     uncapped: roles that `max_examples_per_pool` does not cap.
+    whole_retain_side: cut each retain-side row (a safe row, a pair's refusal side, a retain chat) as one sequence at
+        `max_retain_tokens`, keeping its start, instead of request and response apart (Circuit Breakers' and RMU's
+        reference tokenizes those rows whole).
     description: one line for the data report.
     """
 
@@ -36,6 +39,7 @@ class DataSpec:
     response_markup: bool = False
     empty_request_p: float = 0.0
     uncapped: tuple[str, ...] = ()
+    whole_retain_side: bool = False
     description: str = "requests with bare responses"
 
     def __post_init__(self):

@@ -22,6 +22,7 @@ class SourceReport:
     truncated: sequences cut to the limits, by part ("request", "response", "retain"); a pair whose
         shared request is cut counts once per rendered row (twice).
     empty_request: rows drawn with an empty instruction, per role (methods whose DataSpec asks for the draw).
+    normalised: label values that matched only once trimmed or case-folded, per field (e.g. 'Harmful ').
     """
 
     name: str
@@ -33,6 +34,7 @@ class SourceReport:
     skipped: SkipLog = field(default_factory=SkipLog)
     truncated: Counter = field(default_factory=Counter)
     empty_request: Counter = field(default_factory=Counter)
+    normalised: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict:
         out = {
@@ -42,6 +44,8 @@ class SourceReport:
         }
         if self.empty_request:
             out["empty_request"] = dict(self.empty_request)
+        if self.normalised:
+            out["normalised"] = dict(self.normalised)
         return out
 
 
@@ -96,6 +100,8 @@ class DataReport:
             if rep.empty_request:
                 drawn = ", ".join(f"{n} {s}" for s, n in sorted(rep.empty_request.items()))
                 lines.append(f"  {name}: empty instruction: {drawn}")
+            for label, n in rep.normalised.most_common():
+                lines.append(f"  {name}: {n} {label} value(s) matched once trimmed / case-folded")
             for reason, n in rep.skipped.counts.most_common():
                 lines.append(f"  {name}: skipped {n}: {reason}")
             for example in rep.skipped.examples:

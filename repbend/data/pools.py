@@ -8,7 +8,8 @@ Sources and the roles they give (a new source plugs in here: a reader, and a lin
 
 Cap: when more rows than `max_examples_per_pool` qualify for a role (each role on its own; the spec's `uncapped`
 roles never), a uniform random subset of that size is taken without replacement, seeded from (seed, "subset",
-role), and kept in file order. Every row is still read and validated first, so a bad row anywhere in a file is
+role), and kept in file order; the retain chats keep their first rows in file order instead (`subset="first"`,
+the reference's choice; `"random"` samples them too). Every row is still read and validated first, so a bad row anywhere in a file is
 reported even when the subset would not have used it; only the subset is tokenized. With `skip_invalid`, a row
 whose rendering fails (its template raises) is skipped after the cap, so such a role can end up under the cap.
 
@@ -39,9 +40,14 @@ SOURCES = {"wildguardmix": ("safe", "unsafe"), "wildjailbreak": ("pair",), "ultr
 MIN_RETAIN_MESSAGES = 2
 
 
-def _cap(rows: list, cap: int | None, seed: int, role: str) -> list:
+SUBSETS = ("first", "random")
+
+
+def _cap(rows: list, cap: int | None, seed: int, role: str, first: bool = False) -> list:
     if cap is None or len(rows) <= cap:
         return rows
+    if first:
+        return rows[:cap]
     keep = sorted(seeded_rng(seed, "subset", role).choice(len(rows), size=cap, replace=False).tolist())
     return [rows[i] for i in keep]
 
@@ -82,11 +88,12 @@ class _Renderer:
     def __init__(self, tokenizer, spec: DataSpec, limits: Limits, seed: int, report: SourceReport):
         self.tok, self.spec, self.limits, self.seed, self.report = tokenizer, spec, limits, seed, report
 
-    def _turns(self, parts, counts) -> list:
-        """(prompt, response or None, origin) triples -> Sequences."""
+    def _turns(self, parts, counts, retain_side: bool = False) -> list:
+        """(prompt, response or None, origin) triples -> Sequences; `retain_side`: rows the spec may cut whole."""
+        whole = self.limits.max_retain_tokens if retain_side and self.spec.whole_retain_side else None
         return render_requests_responses(self.tok, [q for q, _, _ in parts], [a for _, a, _ in parts], self.limits,
                                          [o for _, _, o in parts], counts=counts,
-                                         response_markup=self.spec.response_markup)
+                                         response_markup=self.spec.response_markup, whole_limit=whole)
 
     def _drawn(self, rows: list, role: str) -> list[tuple]:
         empty = empty_request_draw(len(rows), self.spec.empty_request_p, self.seed, role)
@@ -97,7 +104,8 @@ class _Renderer:
     def one_turn(self, rows: list, role: str, skip_invalid: bool) -> list:
         """WildGuardMix rows of `role` (safe or unsafe)."""
         def render(items, counts):
-            return self._turns([("" if empty else r.prompt, r.response, r.origin) for r, empty in items], counts)
+            return self._turns([("" if empty else r.prompt, r.response, r.origin) for r, empty in items], counts,
+                               retain_side=role == "safe")
         return _render(self._drawn(rows, role), render, self.report, role, skip_invalid)
 
     def pairs(self, rows: list, skip_invalid: bool) -> list:
@@ -106,11 +114,13 @@ class _Renderer:
             if self.spec.request_only:
                 seqs = self._turns([(r.prompt, None, r.origin) for r, _ in items], counts)
                 return [(s, s) for s in seqs]
-            seqs = self._turns([("" if empty else r.prompt, r.refusal, r.origin) for r, empty in items]
-                               + [(r.prompt, r.harmful, r.origin) for r, _ in items], counts)
-            out = list(zip(seqs[:len(items)], seqs[len(items):]))
+            refusals = self._turns([("" if empty else r.prompt, r.refusal, r.origin) for r, empty in items], counts,
+                                   retain_side=True)
+            out = list(zip(refusals, self._turns([(r.prompt, r.harmful, r.origin) for r, _ in items], counts)))
+            same_cut = not self.spec.whole_retain_side  # (a refusal cut whole may keep more of a long request)
             for (refusal, harmful), (_, empty) in zip(out, items):  # the same request text gives the same ids;
-                if not empty and refusal.input_ids[:refusal.request_len] != harmful.input_ids[:harmful.request_len]:
+                if same_cut and not empty and \
+                        refusal.input_ids[:refusal.request_len] != harmful.input_ids[:harmful.request_len]:
                     raise DataError(refusal.origin, "the request renders to different ids with the two answers",
                                     reason="pair requests differ")  # checked, it is cheap
             return out
@@ -123,9 +133,8 @@ class _Renderer:
             one = [k for k, (c, empty) in enumerate(items) if empty and _first_reply(c.messages) is not None]
             ones = set(one)
             whole = [k for k in range(len(items)) if k not in ones]
-            firsts = render_requests_responses(
-                self.tok, [""] * len(one), [_first_reply(items[k][0].messages) for k in one], self.limits,
-                [items[k][0].origin for k in one], counts=counts, response_markup=True)
+            firsts = self._turns([("", _first_reply(items[k][0].messages), items[k][0].origin) for k in one], counts,
+                                 retain_side=True)
             rest = render_conversations(self.tok, [list(items[k][0].messages) for k in whole], self.limits,
                                         [items[k][0].origin for k in whole], counts=counts)
             for k, s in list(zip(one, firsts)) + list(zip(whole, rest)):
@@ -140,7 +149,8 @@ def _first_reply(messages) -> str | None:
 
 def build_pools(tokenizer, wildguardmix: Source | None = None, wildjailbreak: Source | None = None,
                 ultrachat: Source | None = None, *, spec: DataSpec | None = None, limits: Limits | None = None,
-                max_examples_per_pool: int | None = 10_000, skip_invalid: bool = False, seed: int = 0) -> Pools:
+                max_examples_per_pool: int | None = 10_000, skip_invalid: bool = False, seed: int = 0,
+                subset: str = "first") -> Pools:
     """Read the given sources (local .jsonl/.json/.parquet paths or Hub specs `NAME[:CONFIG][@SPLIT]`; None =
     not used) and return the tokenized rows by role with a `DataReport`.
 
@@ -148,11 +158,14 @@ def build_pools(tokenizer, wildguardmix: Source | None = None, wildjailbreak: So
         modes). A given source none of whose roles the spec reads is an error (it would be ignored).
     max_examples_per_pool: cap per role (module docstring); None = no cap.
     skip_invalid: drop invalid rows and count them by reason instead of raising DataError.
+    subset: which retain chats the cap keeps: "first" (in file order, the reference's) or "random" (seeded).
     """
     spec = spec or DataSpec()
     limits = limits or Limits()
     if max_examples_per_pool is not None and max_examples_per_pool < 1:
         raise ValueError(f"max_examples_per_pool must be >= 1 or None, got {max_examples_per_pool}")
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be {' or '.join(SUBSETS)}, got {subset!r}")
     given = {"wildguardmix": wildguardmix, "wildjailbreak": wildjailbreak, "ultrachat": ultrachat}
     for name, source in given.items():
         if source is not None and not set(SOURCES[name]) & set(spec.roles):
@@ -161,7 +174,8 @@ def build_pools(tokenizer, wildguardmix: Source | None = None, wildjailbreak: So
     report = DataReport(spec, limits.to_dict(), max_examples_per_pool, seed)
 
     def cap(rows, role):
-        return rows if role in spec.uncapped else _cap(rows, max_examples_per_pool, seed, role)
+        first = role == "retain" and subset == "first"
+        return rows if role in spec.uncapped else _cap(rows, max_examples_per_pool, seed, role, first)
 
     def source_report(name):
         rep = report.sources[name] = SourceReport(name, os.fspath(given[name]))

@@ -38,9 +38,10 @@ class ForgetRetain(Method):
 
     def marked_up_spec(self, empty_request_p: float = 0.5) -> DataSpec:
         """Circuit Breakers' and RMU's rows: every assistant turn with the template's end-of-turn markup, an empty
-        instruction drawn with p `empty_request_p` (data.empty_request_p) for every row but the harmful answers, and
-        the unsafe rows not capped."""
+        instruction drawn with p `empty_request_p` (data.empty_request_p) for every row but the harmful answers, the
+        unsafe rows not capped, and every retain-side row cut as a whole at data.max_retain_tokens."""
         return DataSpec(response_markup=True, empty_request_p=empty_request_p, uncapped=("unsafe",),
+                        whole_retain_side=True,
                         description=f"{self.NAME} rows (assistant turns with their end-of-turn markup)")
 
     def draws(self, pools, batch_size: int) -> dict[str, Draw]:
