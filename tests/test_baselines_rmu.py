@@ -212,8 +212,11 @@ def test_saved_weights_load_into_a_fresh_model(tmp_path):
         load_rmu_weights(fresh, tmp_path)
 
 
-def test_a_set_without_rows_is_left_out():
+def test_a_set_without_rows_is_left_out_only_when_allowed():
     model, tok, fn, params, original = _prepared(seed=7)
+    with pytest.raises(ValueError, match=r"rmu: the weighted term\(s\) retain have no tokens"):
+        fn(model, fn.collate(_micro(len(tok), n_safe=0, n_unsafe=2, n_retain=0, seed=1), tok.pad_token_id))
+    fn.method.allow_empty_terms = True
     calls = []
     hook = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
     try:

@@ -25,6 +25,7 @@ class StepBatch:
     rows: Rows                          # the model input and its attention layout
     index: dict[str, torch.Tensor] = field(default_factory=dict)  # token sets: int64 flat indices
     useful_tokens: int = 0              # real (non-padding) tokens of the input
+    max_id: int | None = None           # the largest token id (checked against the model's vocabulary)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -44,6 +45,14 @@ class StepBatch:
 def sequences(micro: MicroBatch) -> list:
     """The micro-batch's sequences in layout order: safe, unsafe, retain."""
     return list(micro.safe) + list(micro.unsafe) + list(micro.retain)
+
+
+def require_request(micro: MicroBatch, sets: tuple[str, ...], why: str) -> None:
+    """ValueError naming the row and field when a sequence of `sets` has no request token (request_len 0)."""
+    for name in sets:
+        for i, s in enumerate(getattr(micro, name)):
+            if s.request_len < 1:
+                raise ValueError(f"MicroBatch.{name}[{i}] ({s.origin or 'no origin'}): request_len 0, but {why}")
 
 
 def set_ranges(micro: MicroBatch) -> tuple[range, range, range]:

@@ -26,9 +26,12 @@ class RepBendLoss(torch.nn.Module):
     """The loss of `cfg.method` as an nn.Module without parameters.
 
     impl: "auto" (Triton kernels on CUDA, eager PyTorch elsewhere), "triton" or "torch".
+    allow_empty_terms: a term with a non-zero weight but no tokens in a micro-batch (a set without rows) is a
+        ValueError by default; True leaves such a term out of the total (its part is None).
     """
 
-    def __init__(self, cfg: LossConfig | None = None, *, impl: str = "auto", **settings):
+    def __init__(self, cfg: LossConfig | None = None, *, impl: str = "auto", allow_empty_terms: bool = False,
+                 **settings):
         super().__init__()
         from ..methods import method_class
 
@@ -37,7 +40,7 @@ class RepBendLoss(torch.nn.Module):
         elif settings:
             raise TypeError("RepBendLoss: give a LossConfig or keyword settings, not both")
         self.cfg, self.impl = cfg, impl
-        self.method = method_class(cfg.method)(cfg.settings, impl)
+        self.method = method_class(cfg.method)(cfg.settings, impl, allow_empty_terms)
 
     @property
     def objective(self):
@@ -65,12 +68,31 @@ class RepBendLoss(torch.nn.Module):
 
     def collate(self, micro: MicroBatch, pad_id: int, pack_length: int | None = None) -> StepBatch:
         """One model input with every term's token sets (the method's `collate`); `pack_length` packs several
-        sequences per row (attention stays inside each sequence on every backend)."""
-        return self.method.collate(micro, pad_id, pack_length)
+        sequences per row (attention stays inside each sequence on every backend). `pad_id` fills the padding
+        (never attended); give the tokenizer's pad token, or its EOS where it has none."""
+        if not isinstance(micro, MicroBatch):
+            raise ValueError(f"collate: expected a MicroBatch, got a {type(micro).__name__}")
+        if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
+            raise ValueError(f"collate: pad_id must be a token id (an int >= 0), got {pad_id!r}: use "
+                             "tokenizer.pad_token_id, or tokenizer.eos_token_id where the tokenizer has no pad token")
+        if pack_length is not None and (isinstance(pack_length, bool) or not isinstance(pack_length, int)
+                                        or pack_length < 1):
+            raise ValueError(f"collate: pack_length must be None or an int >= 1, got {pack_length!r}")
+        batch = self.method.collate(micro, pad_id, pack_length)
+        batch.max_id = max(max(s.input_ids) for s in micro.safe + micro.unsafe + micro.retain)
+        return batch
 
     def forward(self, model, batch: StepBatch, progress: float | None = None) -> LossTerms:
         """Reference pass, trained pass and the terms of one micro-batch. `progress` = optimizer step / max_steps
         (Circuit Breakers' coefficient schedule; the others ignore it)."""
+        if not isinstance(batch, StepBatch):
+            raise ValueError(f"forward: expected the StepBatch of RepBendLoss.collate, got a {type(batch).__name__}")
+        self.method.check_model_kind(model)
+        from ..model import unwrap
+        vocab = unwrap(model).get_input_embeddings().num_embeddings
+        if batch.max_id is not None and batch.max_id >= vocab:
+            raise ValueError(f"forward: the batch holds token id {batch.max_id}, past the model's vocabulary of {vocab} "
+                             "(rows tokenized with another tokenizer?)")
         device = next(model.parameters()).device
         return self.method(model, batch.to(device), progress)
 

@@ -40,9 +40,26 @@ class Method:
     TRAINS: ClassVar[str] = "lora"
     STRATEGIES: ClassVar[tuple[str, ...]] = ("ddp", "fsdp")
 
-    def __init__(self, settings=None, impl: str = "auto"):
+    def __init__(self, settings=None, impl: str = "auto", allow_empty_terms: bool = False):
         self.cfg = settings if settings is not None else self.Settings()
         self.impl = impl
+        self.allow_empty_terms = allow_empty_terms
+
+    def total(self, parts: dict, weights: dict[str, float], has_tokens: dict[str, bool]) -> LossTerms:
+        """`LossTerms` of the computed parts; a term with a non-zero weight but no tokens in this micro-batch is a
+        ValueError unless the loss was built with allow_empty_terms=True (then it is left out, as None)."""
+        empty = [t for t in self.TERMS if weights.get(t, 0) != 0 and not has_tokens.get(t, True)]
+        if empty and not self.allow_empty_terms:
+            raise ValueError(f"{self.NAME}: the weighted term(s) {', '.join(empty)} have no tokens in this micro-batch "
+                             "(a set without rows): give the micro-batch those rows, set the term's weight to 0, or "
+                             "build the loss with allow_empty_terms=True to leave such terms out")
+        return LossTerms.weighted(parts, weights)
+
+    def check_model_kind(self, model) -> None:
+        """A LoRA method's passes switch the adapters off and on: the model must be a PEFT model."""
+        if self.TRAINS == "lora" and not hasattr(model, "disable_adapter"):
+            raise ValueError(f"loss.method {self.NAME} trains LoRA adapters: give it the PEFT model (its reference pass "
+                             f"switches them off), got a {type(model).__name__}")
 
     # ------------------------------------------------------------ data
     def data_spec(self, empty_request_p: float = 0.5) -> DataSpec:

@@ -129,8 +129,8 @@ class CircuitBreakers(ForgetRetain):
                               "+ max_response_tokens")
         R, C = self.layer_sets(len(decoder_layers(model)))
         weights = self.weights(progress)
-        use = {"retain": weights["retain"] != 0 and ix["retain"].numel() > 0,
-               "cb": weights["cb"] != 0 and ix["forget"].numel() > 0}
+        has = {"retain": ix["retain"].numel() > 0, "cb": ix["forget"].numel() > 0}
+        use = {t: weights[t] != 0 and has[t] for t in self.TERMS}
         # C's duplicates are computed once and weighted by their multiplicity
         times = Counter(C)
         C_once = sorted(times)
@@ -149,4 +149,4 @@ class CircuitBreakers(ForgetRetain):
                              impl=self.impl)
             mult = torch.tensor([float(times[i]) for i in C_once], device=d.relu_cos.device)
             parts["cb"] = (d.relu_cos * mult).sum() / (len(C) * ix["forget"].numel())
-        return LossTerms.weighted(parts, weights)
+        return self.total(parts, weights, has)

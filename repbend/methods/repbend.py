@@ -45,7 +45,8 @@ from repbend.kernels import linear_kl, pairwise_cosine_loss, rep_distance
 
 from ..config_fields import Group, Layers
 from ..errors import TrainingError
-from ..loss.batch import StepBatch, every_token, long, sequences, set_ranges, tokens_at, useful_tokens
+from ..loss.batch import (StepBatch, every_token, long, require_request, sequences, set_ranges, tokens_at,
+                          useful_tokens)
 from ..loss.layout import lay_out
 from ..loss.passes import gathered_reference, trained_pass
 from ..loss.terms import LossTerms, check_layers
@@ -255,6 +256,14 @@ class RepBend(Method):
     # ------------------------------------------------------------ the step
     def collate(self, micro: MicroBatch, pad_id: int, pack_length: int | None = None) -> RepBendBatch:
         cfg = self.cfg
+        if cfg.gamma:
+            require_request(micro, ("unsafe",), "L_cos reads each unsafe row's last request token")
+        if cfg.mode == "request_last":
+            require_request(micro, ("safe", "unsafe"), "mode request_last reads each row's last request token")
+        if cfg.eta and micro.n_pairs:
+            require_request(MicroBatch(micro.safe[len(micro.safe) - micro.n_pairs:],
+                                       micro.unsafe[len(micro.unsafe) - micro.n_pairs:], [], micro.n_pairs),
+                            ("safe", "unsafe"), "L_pair reads the pair rows from their last request token on")
         seqs = sequences(micro)
         safe, unsafe, retain = set_ranges(micro)
         rows = lay_out(seqs, pad_id, pack_length)
@@ -282,13 +291,10 @@ class RepBend(Method):
         cfg, impl, ix = self.cfg, self.impl, batch.index
         n_layers = len(decoder_layers(model))
         S, U = self.layer_sets(n_layers)
-        use = {
-            "safe": cfg.alpha != 0 and ix["safe"].numel() > 0,
-            "unsafe": cfg.beta != 0 and ix["unsafe"].numel() > 0,
-            "cos": cfg.gamma != 0 and ix["cos"].numel() > 0,
-            "kl": cfg.epsilon != 0 and batch.n_retain > 0,
-            "pair": cfg.eta != 0 and batch.pair_len > 0,
-        }
+        weights = cfg.weights()
+        has = {"safe": ix["safe"].numel() > 0, "unsafe": ix["unsafe"].numel() > 0, "cos": ix["cos"].numel() > 0,
+               "kl": batch.n_retain > 0, "pair": batch.pair_len > 0}
+        use = {t: weights[t] != 0 and has[t] for t in self.TERMS}
         reads = {"safe": (S, "safe"), "unsafe": (U, "unsafe"), "pair": (U, "pair_ref"), "kl": ([n_layers], "retain")}
         ref = gathered_reference(model, batch, {t: (layers, ix[key]) for t, (layers, key) in reads.items() if use[t]})
 
@@ -321,7 +327,7 @@ class RepBend(Method):
         if use["pair"]:
             d = rep_distance([hs[i] for i in U], torch.stack([ref["pair"][i] for i in U]), ix["pair"], impl=impl)
             parts["pair"] = d.l2.sum() / (len(U) * batch.n_pairs * batch.pair_len)
-        return LossTerms.weighted(parts, cfg.weights())
+        return self.total(parts, weights, has)
 
 
 __all__ = ["RepBend", "RepBendSettings", "RepBendBatch", "LOSS_MODES", "REQUEST_ONLY_MODES", "term_positions",

@@ -101,8 +101,8 @@ class RMU(ForgetRetain):
     TRAINS = "full"
     STRATEGIES = ("ddp",)  # its reference pass swaps whole tensors in and out: not under FSDP's sharding
 
-    def __init__(self, settings=None, impl: str = "auto"):
-        super().__init__(settings, impl)
+    def __init__(self, settings=None, impl: str = "auto", allow_empty_terms: bool = False):
+        super().__init__(settings, impl, allow_empty_terms)
         self.params: list[torch.nn.Parameter] | None = None
         self.names: list[str] = []
         self.control_vector: torch.Tensor | None = None
@@ -226,7 +226,8 @@ class RMU(ForgetRetain):
         if use_retain:
             d = rep_distance([hs], ref.unsqueeze(0), ix["retain"], impl=self.impl)
             parts["retain"] = d.sq[0] / (batch.retain_rows * batch.retain_longest * D)
-        return LossTerms.weighted(parts, {"unlearn": 1.0, "retain": cfg.rmu_alpha})
+        return self.total(parts, {"unlearn": 1.0, "retain": cfg.rmu_alpha},
+                          {"unlearn": n_forget > 0, "retain": n_retain > 0})
 
     def _control_on(self, device) -> torch.Tensor:
         if self._c_on is None or self._c_on.device != device:
