@@ -129,7 +129,9 @@ class TrainConfig(Group):
     max_steps: int = 450
     """Optimizer steps."""
     batch_size: int = 4
-    """Rows per set (B) per process and micro-step: RepBend reads 2B safe, 2B unsafe and B retain rows."""
+    """B, per process and micro-step: RepBend reads 2B safe, 2B unsafe and B retain rows (batch_size 4: 8 safe, 8
+    unsafe, 4 retain); Circuit Breakers, RMU and NPO B forget and B retain-side rows; DPO B pairs. The run's log
+    states the composition at the start."""
     grad_accum: int = 4
     """Micro-batches per optimizer step; their losses are averaged."""
     lr: float = 1e-5
