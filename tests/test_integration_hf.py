@@ -379,3 +379,26 @@ def test_ddp_on_two_processes_equals_one_process_with_twice_the_accumulation(tmp
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _ddp_worker(sys.argv[2], int(sys.argv[3]))
+
+
+def test_the_example_uses_public_names_only_and_rows_needed():
+    """examples/hf_trainer.py imports only names a repbend package exports (its __all__), and a run of
+    TrainingArguments reads rows_needed(args) rows."""
+    import ast
+    import importlib
+
+    from transformers import TrainingArguments
+
+    from repbend.integrations.hf import rows_needed
+
+    tree = ast.parse((ROOT / "examples" / "hf_trainer.py").read_text())
+    imported = [(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and (n.module or "").startswith("repbend") for a in n.names]
+    assert imported
+    for module, name in imported:
+        assert name in getattr(importlib.import_module(module), "__all__", ()), f"{module}.{name} is not public"
+    args = TrainingArguments(output_dir="unused", max_steps=5, gradient_accumulation_steps=3,
+                             per_device_train_batch_size=2, use_cpu=True, report_to="none")
+    assert rows_needed(args) == 5 * 3 * 2 * args.world_size
+    with pytest.raises(ValueError, match="set TrainingArguments.max_steps"):
+        rows_needed(TrainingArguments(output_dir="unused", use_cpu=True, report_to="none"))
