@@ -33,8 +33,10 @@ class ModelConfig(Group):
 
     path: str | None = None
     """HF model directory or hub name (the demo alone runs without one: it builds its tiny model)."""
-    dtype: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp16", "fp32")})
-    """Weights and compute dtype: auto = bf16 on a GPU, fp32 on the CPU."""
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16",
+                                                             "float32")})
+    """Weights and compute dtype: auto = bf16 on a GPU, fp32 on the CPU (bfloat16/float16/float32 are the same as
+    bf16/fp16/fp32)."""
     device: str = "auto"
     """auto (this rank's CUDA device, else the CPU), cpu, cuda or cuda:N."""
     attn_implementation: str = field(default="auto", metadata={"choices": ATTENTION})
@@ -101,7 +103,8 @@ class LoraConfig(Group):
     so a run gives the same result on 1 or N processes and after a resume."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    """Linear modules (by name) that get adapters."""
+    """Linear modules (by name) that get adapters; all-linear = every linear layer but the LM head (PEFT's
+    shorthand)."""
     layers_to_transform: Layers | None = None
     """Decoder layers that get adapters: "0-30", a list, or null = 0 .. the last layer the loss reads."""
 
