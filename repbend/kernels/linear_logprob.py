@@ -137,9 +137,10 @@ def _rows_fwd_torch(z: torch.Tensor, labels: torch.Tensor, softcap: float | None
     """(logp [C], lse [C]) from fp32 logits z [C, V] (overwritten)."""
     if softcap is not None:
         z.div_(softcap).tanh_().mul_(softcap)  # c(z) = cap * tanh(z / cap), as softcap_torch forms it
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(1, labels.unsqueeze(1)).squeeze(1).sub_(lse)
-    return logp, lse
+    m = z.amax(dim=-1, keepdim=True)
+    zl = z.gather(1, labels.unsqueeze(1))
+    log_s = z.sub_(m).exp_().sum(dim=-1, keepdim=True).log_()  # in place: no second [C, V] temporary
+    return (zl.sub_(m).sub_(log_s)).squeeze(1), (m + log_s).squeeze(1)
 
 
 def _rows_bwd_torch(z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
