@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from hopper import hopper_resources_many, requires_ptxas
 from kernel_refs import DEVICE
 from repbend.kernels import linear_logprob
+from repbend.kernels.reference import linear_logprob_reference
 
 llp = importlib.import_module("repbend.kernels.linear_logprob")
 
@@ -100,6 +101,46 @@ def test_opcheck():
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_forward_is_tagged_cudagraph_unsafe():
+    """Its label check reads a flag on the host, which a CUDA graph cannot replay: Inductor must leave it out."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if tag is None:
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    assert tag in torch.ops.repbend.linear_logprob.default.tags
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA")
+def test_forward_and_backward_replay_in_a_cuda_graph():
+    """Under capture the label check is a device assert (no host read): forward and backward capture, and replay on
+    new values correctly."""
+    x = make_inputs(7, weight_grad=False)
+    hidden = x["hidden"][0].clone().requires_grad_()
+    weight, labels = x["weight"].detach(), x["labels"]
+    grad_out = torch.randn(N, device=DEVICE)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph (Triton's first launch compiles)
+        for _ in range(2):
+            linear_logprob(hidden, weight, labels, impl="triton").backward(grad_out)
+    torch.cuda.current_stream().wait_stream(stream)
+    hidden.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logp = linear_logprob(hidden, weight, labels, impl="triton")
+        (grad_h,) = torch.autograd.grad(logp, hidden, grad_out)
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            hidden.copy_(torch.randn(N, D, generator=g).to(DEVICE))
+            labels.copy_(torch.randint(0, V, (N,), generator=g).to(DEVICE))
+        graph.replay()
+        h64 = hidden.detach().cpu().double().requires_grad_()
+        want = linear_logprob_reference(h64, weight.cpu(), labels.cpu())
+        (want_grad,) = torch.autograd.grad(want, h64, grad_out.cpu().double())
+        torch.testing.assert_close(logp.cpu().double(), want.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_h.cpu().double(), want_grad, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

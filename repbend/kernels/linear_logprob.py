@@ -25,7 +25,9 @@ arguments and sech^2 without cancellation where tanh saturates.
 Both directions are custom ops (repbend::linear_logprob with autograd registered, and repbend::linear_logprob_backward)
 with fake implementations, so torch.compile(fullgraph=True) traces them and FakeTensorMode runs them. Labels outside
 [0, V) raise ValueError naming the first bad row: the check costs one host sync, taken after the forward's work has
-been queued (the kernels never read outside a row, whatever the labels). A weight sharded as a DTensor is refused.
+been queued (the kernels never read outside a row, whatever the labels); inside a CUDA graph capture it is a device
+assert instead, and the forward op is tagged cudagraph-unsafe so that Inductor leaves it outside its graphs. A weight
+sharded as a DTensor is refused.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import num_chunks, on_device, resolve_impl
+from ._dispatch import cudagraph_unsafe_tags, num_chunks, on_device, resolve_impl
 from .linear_kl import _chunk_rows, _local, _tanh_parts, _tanh_rel
 from .reference import softcap_torch
 
@@ -168,6 +170,11 @@ def _rows_per_chunk(n: int, weight: torch.Tensor, impl: str, chunk_rows: int | N
 
 
 def _raise_on_bad_labels(bad: torch.Tensor, labels: torch.Tensor, v: int) -> None:
+    """ValueError naming the first row whose label is outside [0, V) (reads `bad` on the host). Inside a CUDA graph
+    capture, where the host cannot read it, an asynchronous device assert instead (it names no row)."""
+    if labels.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        torch._assert_async(~bad.any(), f"linear_logprob: a label is outside [0, V = {v})")
+        return
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
         raise ValueError(f"linear_logprob: labels[{first}] = {int(labels[first])} is outside [0, V = {v}) "
@@ -243,7 +250,8 @@ def _linear_logprob_backward(grad_out, hidden, weight, labels, lse, softcap, imp
 # ----------------------------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("repbend::linear_logprob", mutates_args=())
+# Tagged so that Inductor keeps the forward out of its CUDA graphs: its label check reads a flag on the host.
+@torch.library.custom_op("repbend::linear_logprob", mutates_args=(), tags=cudagraph_unsafe_tags())
 def linear_logprob_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None,
                       impl: str, chunk_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp [N] fp32, lse [N] fp32); lse is what the backward needs (not differentiable)."""
