@@ -320,6 +320,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(1)  # one thread: a shared CPU makes multi-threaded barriers crawl
     fn = linear_logprob_reference if sys.argv[1] == "reference" else linear_logprob
+    softcap = float(sys.argv[2]) if sys.argv[2] != "none" else None
 
     def status_kib(field):
         with open("/proc/self/status") as f:
@@ -333,7 +334,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     weight = (torch.randn(V, D, generator=g) * 0.2).requires_grad_(True)
     labels = torch.randint(0, V, (N,), generator=g)
     grad_out = torch.randn(N, generator=g)
-    kw = {} if fn is linear_logprob_reference else {"impl": "torch", "chunk_rows": 64}
+    kw = {"softcap": softcap} if fn is linear_logprob_reference else {"impl": "torch", "chunk_rows": 32,
+                                                                       "softcap": softcap}
     (fn(hidden[:8], weight, labels[:8], **kw) * grad_out[:8]).sum().backward()  # warm-up: allocator, threads
     hidden.grad = weight.grad = None
     gc.collect()
@@ -349,24 +351,26 @@ _MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
-def _memory_growth(which: str) -> dict:
+def _memory_growth(which: str, softcap) -> dict:
     """Peak RSS growth of one forward + backward of `which` ("op": linear_logprob; "reference": the full-logit
     reference, 1.5 GiB, for a manual check that the limit below can fail). glibc's malloc is told to map every
     block over 64 KiB on its own (M_MMAP_THRESHOLD, which also stops its dynamic raise), so that a freed buffer
     leaves the resident set at once and the peak measures live memory, not what the heap kept."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, which], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, which, str(softcap).lower()], capture_output=True,
+                          text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_memory_stays_chunk_sized():
-    """N = 4096, V = 32000, fp32, chunks of 64 rows: forward + backward grow RSS by at most 1/8 of one [N, V] fp32
-    tensor (500 MiB). Measured: 36 MiB (the chunk's logits, 8 MiB, a temporary of its size, grad_weight 16 MiB);
-    the full-logit reference: 1500 MiB."""
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_memory_stays_chunk_sized(softcap):
+    """N = 4096, V = 32000, fp32, chunks of 32 rows: forward + backward grow RSS by at most 1/8 of one [N, V] fp32
+    tensor (500 MiB). Measured: 28 MiB, 36 MiB capped (the chunk's logits, 4 MiB, up to three temporaries of its
+    size, grad_weight 16 MiB); the full-logit reference: 1500 MiB, 2000 MiB capped."""
     full_logits = 4096 * 32000 * 4
-    res = _memory_growth("op")
+    res = _memory_growth("op", softcap)
     print(f"RSS growth {res['growth'] / 2**20:.0f} MiB (limit {full_logits / 8 / 2**20:.0f} MiB)")
     assert res["grads"] and res["logp"] < 0
     assert res["growth"] <= full_logits / 8, f"peak RSS grew by {res['growth'] / 2**20:.0f} MiB"

@@ -18,9 +18,9 @@ O(C x V) for C rows per chunk in both directions, never O(N x V).
   torch:  the same math per chunk in eager PyTorch (matmul in the input dtype, everything after it in fp32), the
           CPU path.
 The label's logit is read from the same rounded logit row as the log-sum-exp (lse >= max_v c(z)_v >= c(z)[y] also
-after rounding), so logp <= 0 holds exactly. Soft-capping uses linear_kl's helpers
-(`_tanh_parts`, `_tanh_rel` in Triton, `softcap_torch` in eager code): tanh to relative precision for small
-arguments and sech^2 without cancellation where tanh saturates.
+after rounding), so logp <= 0 holds exactly. Soft-capping uses linear_kl's Triton helpers
+(`_tanh_parts`, `_tanh_rel`): tanh to relative precision for small arguments and sech^2 without cancellation where
+tanh saturates; the eager path forms c(z) as softcap_torch does and sech^2 as `_tanh_parts` does, in place.
 
 Both directions are custom ops (repbend::linear_logprob with autograd registered, and repbend::linear_logprob_backward)
 with fake implementations, so torch.compile(fullgraph=True) traces them and FakeTensorMode runs them. Labels outside
@@ -37,11 +37,10 @@ import triton.language as tl
 
 from ._dispatch import cudagraph_unsafe_tags, num_chunks, on_device, resolve_impl
 from .linear_kl import _chunk_rows, _local, _tanh_parts, _tanh_rel
-from .reference import softcap_torch
 
 # Bytes of the one [C, V] logit buffer of the Triton path (input dtype): 256 MiB gives C = 1024 rows for V = 128256
 # in bf16, enough for the matmuls to run at full tensor-core speed. The eager path holds a few fp32 [C, V]
-# temporaries at its peak (about six with soft-capping in the backward), hence its smaller budget.
+# temporaries at its peak (three in the soft-capped backward), hence its smaller budget.
 TRITON_CHUNK_BYTES = 256 * 1024 * 1024
 TORCH_CHUNK_BYTES = 32 * 1024 * 1024
 # Vocabulary tile of the row kernels: 4096 fp32 logits per program of 8 warps, 16 per thread; half of it with
@@ -150,7 +149,13 @@ def _rows_bwd_torch(z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, gr
     """d L / d z [C, V] fp32 from fp32 logits z [C, V] (overwritten), lse [C] and grad_out [C]."""
     slope = None
     if softcap is not None:
-        z, _, slope = softcap_torch(z, z.new_zeros(()), softcap)  # (c(z), 0, c'(z))
+        a = z.div_(softcap)
+        z = torch.tanh(a).mul_(softcap)  # c(z), the forward's exact operations
+        # c'(z) = sech(a)^2 = 4u / (1 + u)^2 with u = exp(-2|a|), in place (linear_kl's `_tanh_parts`): relative
+        # precision where tanh saturates, where 1 - tanh^2 would give 0. (softcap_torch also forms the capped change
+        # of a second logit row: about 15 [C, V] temporaries and ten times the time, for a change of 0 here.)
+        u = a.abs_().mul_(-2.0).exp_()
+        slope = u.mul(4.0).div_(u.add_(1.0).square_())
     p = z.sub_(lse.unsqueeze(1)).exp_()
     grad = p.neg_()
     grad.scatter_add_(1, labels.unsqueeze(1), torch.ones_like(lse).unsqueeze(1))  # 1[v = y] - p
