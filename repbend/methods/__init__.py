@@ -15,6 +15,7 @@ REGISTRY = {
     "repbend": "repbend.methods.repbend:RepBend",
     "circuit_breakers": "repbend.methods.circuit_breakers:CircuitBreakers",
     "rmu": "repbend.methods.rmu:RMU",
+    "npo": "repbend.methods.npo:NPO",
 }
 METHODS = tuple(REGISTRY)
 

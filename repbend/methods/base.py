@@ -86,8 +86,9 @@ class Method:
         files gave for that role (for the message)."""
 
     # ------------------------------------------------------------ model
-    def check_model(self, n_layers: int) -> None:
-        """ConfigError when the settings do not fit a model of `n_layers` decoder layers (config only)."""
+    def check_model(self, n_layers: int, lora_layers: list[int] | None = None) -> None:
+        """ConfigError when the settings do not fit a model of `n_layers` decoder layers, or when no trained tensor
+        (`lora_layers`: the decoder layers with adapters) can change what a weighted term reads (config only)."""
 
     def lora_layers(self, n_layers: int) -> list[int] | None:
         """Decoder layers that get LoRA adapters when lora.layers_to_transform is not set; None for full-weight
