@@ -1,5 +1,7 @@
 """NPO and DPO through the public loss API, against float64 formulas written here from full-vocabulary logits of the
-model's own forward (the reference code's computation): every term, the LoRA gradients and packed rows.
+model's own forward (the reference code's computation): every term, the LoRA gradients, packed rows, and DPO's
+hidden pad-valued tokens (the reference's attention_mask = ids != pad; tests/test_attention_layouts.py checks every
+backend).
 
 pad = the <|eot_id|> of the test tokenizer here (the reference's pad = EOS): every request holds one, and the retain
 chats one per turn."""
@@ -163,3 +165,70 @@ def test_npo_recipe_and_a_run(tmp_path):
     first = result.history[0]
     assert abs(first["npo"] - 2 * 0.6931471805599453 / 0.1) < 1e-3  # LoRA B = 0 at the first step: 2 ln 2 / beta
     assert first["kl"] == 0.0 and first["ce"] > 0 and (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+# ---------------------------------------------------------------- DPO
+def dpo_float64(model, micro, beta, pad):
+    def logp(s, lora):  # the reference's forward: attention_mask = ids != pad, positions from 0 (hidden ones kept)
+        mask = [int(t != pad) for t in s.input_ids]
+        lp = _lp(_logits(model, s, lora, mask), s.input_ids)
+        return sum(lp[t - 1] for t in range(s.request_len, len(s)) if s.input_ids[t] != pad)
+    P = micro.n_pairs
+    chosen, rejected = micro.safe[-P:], micro.unsafe[-P:]
+    losses = []
+    for c, r in zip(chosen, rejected):
+        margin = (logp(c, True) - logp(r, True)) - (logp(c, False) - logp(r, False))
+        losses.append(-F.logsigmoid(beta * margin))
+    total = torch.stack(losses).mean()
+    return {"dpo": total, "total": total}
+
+
+def _dpo_micro(tok):
+    one_shot, _ = _rows(tok, seed=3)
+    chosen = [one_shot(3, 5), one_shot(6, 4), one_shot(2, 8)]
+    rejected = [Sequence(c.input_ids[:c.request_len] + tuple(torch.randint(10, 400, (k,)).tolist()), c.request_len,
+                         "rejected") for c, k in zip(chosen, (7, 3, 6))]
+    return MicroBatch(safe=chosen, unsafe=rejected, retain=[], n_pairs=3)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pack", [None, 48])
+def test_dpo_against_float64_with_hidden_pad_tokens(tok, attn, pack):
+    model, micro = _model(tok, attn), _dpo_micro(tok)
+    pad = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert all(pad in s.input_ids[:s.request_len] for s in micro.safe)  # every request holds a hidden token
+    fn = RepBendLoss(LossConfig(method="dpo", dpo_beta=0.1))
+    params = fn.prepare(model)
+    batch = fn.collate(micro, pad_id=pad, pack_length=pack)
+    assert batch.rows.hidden is not None and batch.rows.packed == (pack is not None)
+    terms = fn(model, batch)
+    grads = torch.autograd.grad(terms.total, params)
+    _check(terms, dpo_float64(model, micro, 0.1, pad), params, grads)
+
+
+def test_dpo_at_lora_zero_is_ln2(tok):
+    model, micro = _model(tok), _dpo_micro(tok)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    fn = RepBendLoss(method="dpo")
+    terms = fn(model, fn.collate(micro, pad_id=0))
+    torch.testing.assert_close(terms.total, torch.log(torch.tensor(2.0)))
+
+
+def test_dpo_recipe_and_a_run(tmp_path):
+    from repbend import RepBendConfig, train
+    from repbend.demo import corpus, save_tiny_model_dir, write_demo_data
+    from repbend.recipes import resolve
+
+    cfg = RepBendConfig.load(resolve("llama3_8b_dpo"))
+    assert cfg.loss.method == "dpo" and cfg.loss.dpo_beta == 0.1
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum) == (5e-5, 1250, 16, 1)
+    model_dir = save_tiny_model_dir(tmp_path / "m", corpus=corpus(), layers=2, hidden=32, heads=2, kv_heads=1)
+    paths = write_demo_data(tmp_path / "d", seed=0, n_train=16, n_heldout=4)
+    run = RepBendConfig.load(None, [
+        "--loss.method", "dpo", "--model.path", model_dir, "--data.wildjailbreak", paths["wildjailbreak"],
+        "--train.output_dir", str(tmp_path / "run"), "--train.max_steps", "2", "--train.batch_size", "2",
+        "--train.grad_accum", "1", "--lora.r", "2", "--train.progress", "false", "--data.max_response_tokens", "24"])
+    result = train(run)
+    assert [r["step"] for r in result.history] == [1, 2]
+    assert abs(result.history[0]["dpo"] - 0.6931471805599453) < 1e-5  # ln 2 at LoRA B = 0

@@ -108,3 +108,10 @@ def test_a_named_file_without_usable_rows_is_an_error_naming_the_values_seen(tok
         with pytest.raises(TrainingError, match=pattern):
             check_data(cfg, pools, loss)
 
+
+
+def test_a_file_the_method_does_not_read_is_an_error(tok, tmp_path):
+    wgm = _jsonl(tmp_path / "w.jsonl", [_wgm(0, True), _wgm(1, False)])
+    cfg = _cfg({"wildguardmix": wgm}, "--loss.method", "dpo")
+    with pytest.raises(TrainingError, match="data.wildguardmix .*loss.method dpo reads pair rows.*leave it out"):
+        build_data(cfg, tok, RepBendLoss(cfg.loss))

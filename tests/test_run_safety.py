@@ -273,7 +273,7 @@ def test_train_help_lists_every_key_with_type_default_and_text():
         for f in __import__("dataclasses").fields(cls):
             assert f"--{name}.{f.name} " in text, f.name
             assert docs.get(f.name), f"{name}.{f.name} has no documentation"
-    assert "--loss.method {repbend,circuit_breakers,rmu}" in text
+    assert "--loss.method {repbend,circuit_breakers,rmu,npo,dpo}" in text
     assert "{request_last,request_all,request_response,response_all,response_one,response_R}" in text
     assert "--lora.r int  (default: 16)" in text and "--train.seed int  (default: 42)" in text
     p = _cli("train", "--train.lr", "3e-4", "--print_config")

@@ -152,12 +152,11 @@ def attention_inputs(rows: Rows, attn_implementation: str | None, dtype: torch.d
     if kind == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        if hidden is None:
-            def same_sequence_causal(b, h, q, k):
-                return (doc[b, q] == doc[b, k]) & (k <= q)
-        else:
-            def same_sequence_causal(b, h, q, k):
-                return (doc[b, q] == doc[b, k]) & (k <= q) & ~hidden[b, k]
+        # a hidden key belongs to no sequence (-1): one index per side, the form Inductor's CPU template compiles
+        key_doc = doc if hidden is None else torch.where(hidden, torch.full_like(doc, -1), doc)
+
+        def same_sequence_causal(b, h, q, k):
+            return (doc[b, q] == key_doc[b, k]) & (k <= q)
         R, T = ids.shape
         mask = create_block_mask(same_sequence_causal, R, None, T, T, device=ids.device)
         return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}

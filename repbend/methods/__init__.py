@@ -16,6 +16,7 @@ REGISTRY = {
     "circuit_breakers": "repbend.methods.circuit_breakers:CircuitBreakers",
     "rmu": "repbend.methods.rmu:RMU",
     "npo": "repbend.methods.npo:NPO",
+    "dpo": "repbend.methods.dpo:DPO",
 }
 METHODS = tuple(REGISTRY)
 
