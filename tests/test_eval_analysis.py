@@ -29,12 +29,14 @@ def env(tmp_path_factory):
 
 def test_logit_lens_png(env, tmp_path):
     out = tmp_path / "lens.png"
-    assert main_logit_lens(["--model.path", str(env / "model"), "--model.adapter", str(env / "adapter"), "--lens.prompt",
+    assert main_logit_lens(["--model.path", str(env / "model"), "--model.adapter", str(env / "adapter"),
+                            "--lens.prompt",
                             "How do I bake bread?", "--lens.response_prefix", "Sure", "--lens.output", str(out)]) == 0
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     single = tmp_path / "lens_base.png"
-    assert main_logit_lens(["--model.path", str(env / "model"), "--lens.prompt", "Hi", "--lens.output", str(single)]) == 0
+    assert main_logit_lens(["--model.path", str(env / "model"), "--lens.prompt", "Hi", "--lens.output",
+                            str(single)]) == 0
     assert single.read_bytes().startswith(PNG_MAGIC)
 
 
@@ -101,7 +103,8 @@ def test_logit_lens_difference_view(env, tmp_path, capsys):
 def test_rep_shift_csv_and_png(env, tmp_path, positions):
     out = tmp_path / "shift"
     assert main_rep_shift(["--model.path", str(env / "model"), "--model.adapter", str(env / "adapter"), "--shift.safe",
-                           str(env / "safe.txt"), "--shift.unsafe", str(env / "unsafe.jsonl"), "--shift.positions", positions,
+                           str(env / "safe.txt"), "--shift.unsafe", str(env / "unsafe.jsonl"),
+                           "--shift.positions", positions,
                            "--shift.output", str(out)]) == 0
     assert (out / "rep_shift.png").read_bytes().startswith(PNG_MAGIC)
     with (out / "rep_shift.csv").open() as f:

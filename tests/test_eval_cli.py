@@ -41,7 +41,8 @@ def no_model(monkeypatch):
 
 
 def _eval_args(env, out, *extra):
-    return ["--model.path", str(env / "model"), "--eval.harmbench", str(env / "hb.json"), "--eval.output", str(out), *extra]
+    return ["--model.path", str(env / "model"), "--eval.harmbench", str(env / "hb.json"), "--eval.output", str(out),
+            *extra]
 
 
 def _one_line(err) -> str:
@@ -53,7 +54,8 @@ def _one_line(err) -> str:
 @pytest.mark.parametrize("judge, message", [
     ("harmbench={missing}", "--eval.judges harmbench={missing}: no such directory"),
     ("wildguard={empty}", "--eval.judges wildguard={empty}: not a model directory (needs config.json and weights"),
-    ("harmbench=someone/not-cached-cls", "--eval.judges harmbench=someone/not-cached-cls: no such directory, and not in "
+    ("harmbench=someone/not-cached-cls", "--eval.judges harmbench=someone/not-cached-cls: no such directory, and "
+                                         "not in "
                                          "the Hugging Face cache (offline mode)"),
 ])
 def test_missing_judge_fails_before_generation(env, tmp_path, no_model, monkeypatch, judge, message):
@@ -75,7 +77,8 @@ def test_missing_judge_fails_before_generation(env, tmp_path, no_model, monkeypa
     (["--eval.xstest", "{tmp}/xs.csv"], DataFileNotFound, "{tmp}/xs.csv: XSTest file not found"),
     (["--eval.attacks", "transfer", "--eval.transfer", "{tmp}/t.jsonl"], DataFileNotFound,
      "{tmp}/t.jsonl: transfer file not found"),
-    (["--eval.harmbench_targets", "{tmp}/targets.json"], DataFileNotFound, "{tmp}/targets.json: HarmBench targets file"),
+    (["--eval.harmbench_targets", "{tmp}/targets.json"], DataFileNotFound,
+     "{tmp}/targets.json: HarmBench targets file"),
     (["--eval.output", "{env}/hb.json"], UsageError, "--eval.output {env}/hb.json: exists and is not a directory"),
 ])
 def test_input_paths_checked_first(env, tmp_path, no_model, args, error, message):
@@ -92,7 +95,8 @@ def test_input_paths_checked_first(env, tmp_path, no_model, args, error, message
     (["--eval.judges", "keywords=x"], "--eval.judges keywords=x: the keywords judge takes no directory"),
     (["--eval.judges", "keywords,keywords"], "--eval.judges: keywords is given twice"),
     (["--eval.judges", ","], "--eval.judges: no judge given"),
-    (["--eval.attacks", "direct,gcg"], "--eval.attacks: unknown attack(s) 'gcg'; known: direct, prefill, input_embed, transfer"),
+    (["--eval.attacks", "direct,gcg"],
+     "--eval.attacks: unknown attack(s) 'gcg'; known: direct, prefill, input_embed, transfer"),
     (["--eval.attacks", "direct,direct"], "--eval.attacks direct,direct: an attack is given twice"),
     (["--eval.attacks", "transfer"], "the transfer attack needs --eval.transfer FILE"),
     (["--eval.limit", "0"], "--eval.limit 0: must be >= 1"),
@@ -167,15 +171,29 @@ def test_options_spelled_the_same_everywhere(env, tmp_path, monkeypatch, capsys)
         assert "--adapter = --model.adapter" in " ".join(older.split()), name
 
 
+def test_eval_help_says_what_each_judge_measures(capsys):
+    with pytest.raises(SystemExit):
+        main_eval(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "refusal phrases only" in text and "undercounts a bent model's safety" in text
+    for judge in ("keywords", "demo", "harmbench=DIR", "wildguard=DIR"):
+        assert judge in text
+    assert "cais/HarmBench-Llama-2-13b-cls" in text
+    # the file formats are in the help itself, not a pointer to the source
+    assert '{"behavior_id": "...", "prompt": "...", "method": "..."}' in text and ".py" not in text
+
+
 def test_analysis_commands_check_inputs_first(env, tmp_path, no_model):
     with pytest.raises(UsageError, match=r"^--model\.path \S+/nope: no such directory$"):
-        main_logit_lens(["--model.path", str(tmp_path / "nope"), "--lens.prompt", "Hi", "--lens.output", str(tmp_path / "x.png")])
+        main_logit_lens(["--model.path", str(tmp_path / "nope"), "--lens.prompt", "Hi", "--lens.output",
+                         str(tmp_path / "x.png")])
     with pytest.raises(UsageError, match=r"^--lens\.max_tokens 0: must be >= 1$"):
         main_logit_lens(["--model.path", str(env / "model"), "--lens.prompt", "Hi", "--lens.max_tokens", "0",
                          "--lens.output", str(tmp_path / "x.png")])
     with pytest.raises(UsageError, match=r"^--model\.adapter \S+/empty: not a PEFT adapter directory"):
         main_rep_shift(["--model.path", str(env / "model"), "--model.adapter", str(env / "empty"), "--shift.safe",
-                        str(env / "safe.txt"), "--shift.unsafe", str(env / "safe.txt"), "--shift.output", str(tmp_path / "r")])
+                        str(env / "safe.txt"), "--shift.unsafe", str(env / "safe.txt"),
+                        "--shift.output", str(tmp_path / "r")])
     with pytest.raises(DataFileNotFound, match=r"unsafe\.txt: prompt file not found$"):
         main_rep_shift(["--model.path", str(env / "model"), "--model.adapter", str(env / "adapter"), "--shift.safe",
                         str(env / "safe.txt"), "--shift.unsafe", str(tmp_path / "unsafe.txt"),

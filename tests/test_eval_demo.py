@@ -6,6 +6,7 @@ test evaluation, the eval files) at a small size so the file runs in about a min
 prompts of each kind, 120 supervised steps and at most 8 RepBend steps at a high learning rate (the tiny model
 bends within a few steps; benign accuracy is low at this size, so only the harmful figure is required to move)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,6 @@ def test_demo_prints_its_paths_and_goal(demo):
         assert paths[key] in text and (out / paths[key]).exists()
     assert GOAL.describe() in text and "| harmful requests complied    |" in text
     assert summary["success"] == GOAL.met(summary["before"], summary["after"])
+    # the README states the rule by quoting the code's one statement of it
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    assert f'"{GOAL.describe()}"' in readme

@@ -161,6 +161,7 @@ def test_malformed_benchmark_cli_error(env, tmp_path, capsys):
     bad = tmp_path / "hb.csv"
     bad.write_text("Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID\n"
                    "Do a thing,standard,illegal,,,a\n,standard,illegal,,,b\n")
-    rc = main(["eval", "--model.path", str(env / "model"), "--eval.harmbench", str(bad), "--eval.output", str(tmp_path / "o")])
+    rc = main(["eval", "--model.path", str(env / "model"), "--eval.harmbench", str(bad), "--eval.output",
+               str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and f"{bad}:3: row 2: field 'Behavior'" in err

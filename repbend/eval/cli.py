@@ -127,8 +127,10 @@ def eval_parser() -> OptionParser:
     add_option(g, "--gen.batch_size", dest="batch_size", type=int, default=16, metavar="N",
                help="prompts per generate call (not part of the key)")
     g = p.add_group("input_embed", "the input-embedding (soft prompt) attack")
-    add_option(g, "--input_embed.tokens", dest="embed_tokens", type=int, metavar="N", default=20, help="soft prompt length")
-    add_option(g, "--input_embed.steps", dest="embed_steps", type=int, metavar="N", default=500, help="Adam steps (budget)")
+    add_option(g, "--input_embed.tokens", dest="embed_tokens", type=int, metavar="N", default=20,
+               help="soft prompt length")
+    add_option(g, "--input_embed.steps", dest="embed_steps", type=int, metavar="N", default=500,
+               help="Adam steps (budget)")
     add_option(g, "--input_embed.lr", dest="embed_lr", type=float, metavar="LR", default=1e-3, help="Adam lr")
     add_option(g, "--input_embed.stop_loss", dest="embed_stop_loss", type=float, metavar="LOSS", default=0.05,
                help="stop once every soft prompt's target loss is below this")
@@ -186,7 +188,8 @@ def main_logit_lens(argv: list[str]) -> int:
                                  "of the base model's top-1 token, and the tuned top-1 token where it differs.")
     _model_args(p)
     g = p.add_group("lens", "the prompt and the picture")
-    add_option(g, "--lens.prompt", "--prompt", dest="prompt", required=True, metavar="TEXT", help="the user message (required)")
+    add_option(g, "--lens.prompt", "--prompt", dest="prompt", required=True, metavar="TEXT",
+               help="the user message (required)")
     add_option(g, "--lens.response_prefix", "--response-prefix", dest="response_prefix", default="", metavar="TEXT",
                help="text written after the generation prompt (the start of a response)")
     add_option(g, "--lens.max_tokens", "--max-tokens", dest="max_tokens", type=int, default=32, metavar="N",

@@ -72,7 +72,8 @@ def lens_diff(model, tokenizer, prompt: str, response_prefix: str = "", max_toke
         base_top.append([_show(tokenizer, x) for x in b.tolist()])
         tuned_top.append([_show(tokenizer, x) for x in t.tolist()])
     return {"tokens": [_show(tokenizer, x) for x in ids[-T:]], "base_top": base_top, "tuned_top": tuned_top,
-            "differs": torch.stack(differs).cpu(), "delta": torch.stack(delta).cpu(), "p_base": torch.stack(p_base).cpu()}
+            "differs": torch.stack(differs).cpu(), "delta": torch.stack(delta).cpu(),
+            "p_base": torch.stack(p_base).cpu()}
 
 
 def diff_summary(diff: dict) -> str:

@@ -351,7 +351,8 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     if rows:  # compact: drop duplicate keys and a torn line before appending
         write_rows(path, rows.values())
     keys = {job.row_key for job in jobs}
-    other = sum(1 for k in rows if k not in keys and (k[0], k[1], k[2]) in {jk[:3] for jk in keys})
+    names = {k[:3] for k in keys}
+    other = sum(1 for k in rows if k not in keys and k[:3] in names)
     if other:
         log.warning("%s: %d row(s) for these prompts were generated with another model, adapter, dtype, generation "
                     "setting or prompt text; they are not reused (they stay in the file)", path, other)
