@@ -15,6 +15,7 @@ commands:
   logit-lens  layers x tokens heatmap, base vs tuned
   rep-shift   per-layer representation shift, base vs tuned
   bench       end-to-end step benchmark against the reference recipe
+  recipes     the shipped recipes by name (`repbend recipes cp NAME PATH` copies one to edit)
 
 `repbend COMMAND --help` lists the options of a command. `--debug` shows the traceback of an error.
 `repbend --version` prints the version.
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         fn = {"eval": eval_cli.main_eval, "logit-lens": eval_cli.main_logit_lens,
               "rep-shift": eval_cli.main_rep_shift}[cmd]
         return _run(fn, rest, debug)
+    if cmd == "recipes":
+        from .recipes import main as recipes_main
+        return _run(recipes_main, rest, debug)
     if cmd == "bench":
         from .bench import main as bench_main
         return _run(bench_main, rest, debug)
@@ -99,7 +103,8 @@ def _train(argv: list[str]) -> int:
         i = argv.index("--config")
         if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
             raise ConfigError("--config needs a YAML file")
-        config = argv[i + 1]
+        from .recipes import resolve
+        config = resolve(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
     show = "--print_config" in argv or "--print-config" in argv
     argv = [a for a in argv if a not in ("--print_config", "--print-config")]
@@ -122,10 +127,14 @@ def train_help() -> str:
     from .config import RepBendConfig
     from .config_fields import describe_group
 
-    lines = ["usage: repbend train [--config FILE.yaml] [--group.key value ...] [--print_config] [--debug]", "",
-             "Settings come from the YAML file, then from --group.key value (or --group.key=value; a bare flag means",
-             "true). --print_config prints the resulting settings as YAML and exits. --debug shows the traceback",
-             "of an error. Every key:", ""]
+    from .recipes import names
+    lines = ["usage: repbend train [--config FILE.yaml|RECIPE] [--group.key value ...] [--print_config] [--debug]",
+             "",
+             "Settings come from the YAML file (or a shipped recipe by name: " + ", ".join(names()) + "; `repbend",
+             "recipes` lists them), then from --group.key value (or --group.key=value; a bare flag means true).",
+             "--print_config prints the resulting settings as YAML and exits. --debug shows the traceback of an",
+             "error. Without a recipe, layer settings default to the published ones at the model's own depth.",
+             "Every key:", ""]
     for name, cls in RepBendConfig.groups().items():
         lines += describe_group(name, cls) + [""]
     return "\n".join(lines)

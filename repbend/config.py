@@ -19,10 +19,10 @@ import yaml
 
 from .config_fields import Group, Layers, parse_layers
 from .errors import ConfigError
-from .loss.config import LOSS_MODES, METHODS, REQUEST_ONLY_MODES, LossConfig
+from .loss.config import LossConfig
 
 __all__ = ["RepBendConfig", "ModelConfig", "DataConfig", "LoraConfig", "LossConfig", "TrainConfig",
-           "DistributedConfig", "ConfigError", "parse_layers", "LOSS_MODES", "METHODS", "REQUEST_ONLY_MODES"]
+           "DistributedConfig", "ConfigError", "parse_layers"]
 
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
@@ -33,8 +33,10 @@ class ModelConfig(Group):
 
     path: str | None = None
     """HF model directory or hub name (the demo alone runs without one: it builds its tiny model)."""
-    dtype: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp16", "fp32")})
-    """Weights and compute dtype: auto = bf16 on a GPU, fp32 on the CPU."""
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16",
+                                                             "float32")})
+    """Weights and compute dtype: auto = bf16 on a GPU, fp32 on the CPU (bfloat16/float16/float32 are the same as
+    bf16/fp16/fp32)."""
     device: str = "auto"
     """auto (this rank's CUDA device, else the CPU), cpu, cuda or cuda:N."""
     attn_implementation: str = field(default="auto", metadata={"choices": ATTENTION})
@@ -62,7 +64,11 @@ class DataConfig(Group):
     ultrachat: str | None = None
     """UltraChat conversations (messages) for the retain rows: a file or a hub name."""
     max_examples_per_pool: int = 10_000
-    """At most this many rows per pool (a seeded random subset when more qualify)."""
+    """At most this many rows per role (safe, unsafe, pair, retain): a seeded random subset when more qualify; the
+    retain chats as data.subset says."""
+    subset: str = field(default="first", metadata={"choices": ("first", "random")})
+    """Which retain (UltraChat) chats the cap keeps: first = the first ones in file order (the reference's rows),
+    random = a seeded random subset."""
     max_request_tokens: int = 512
     """A longer request keeps its BOS and its last tokens (the generation prompt survives)."""
     max_response_tokens: int = 512
@@ -74,8 +80,9 @@ class DataConfig(Group):
     group_by_length: bool = True
     """Put rows of similar length into the same micro-batch (less padding)."""
     empty_request_p: float = 0.5
-    """Circuit Breakers and RMU: chance that a row (all but WildJailbreak harmful ones) is drawn with an empty
-    instruction (user turn empty; an UltraChat row keeps its first reply only). Seeded; RepBend ignores it."""
+    """For the methods that draw empty instructions (Circuit Breakers, RMU): chance that a row (all but the
+    WildJailbreak harmful answers) gets an empty user turn (an UltraChat chat keeps its first reply only). Seeded;
+    the other methods ignore it."""
 
     def validate(self) -> None:
         for name in ("max_examples_per_pool", "max_request_tokens", "max_response_tokens", "max_retain_tokens"):
@@ -96,7 +103,8 @@ class LoraConfig(Group):
     so a run gives the same result on 1 or N processes and after a resume."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    """Linear modules (by name) that get adapters."""
+    """Linear modules (by name) that get adapters; all-linear = every linear layer but the LM head (PEFT's
+    shorthand)."""
     layers_to_transform: Layers | None = None
     """Decoder layers that get adapters: "0-30", a list, or null = 0 .. the last layer the loss reads."""
 
@@ -124,7 +132,9 @@ class TrainConfig(Group):
     max_steps: int = 450
     """Optimizer steps."""
     batch_size: int = 4
-    """Rows per set (B) per process and micro-step: RepBend reads 2B safe, 2B unsafe and B retain rows."""
+    """B, per process and micro-step: RepBend reads 2B safe, 2B unsafe and B retain rows (batch_size 4: 8 safe, 8
+    unsafe, 4 retain); Circuit Breakers, RMU and NPO B forget and B retain-side rows; DPO B pairs. The run's log
+    states the composition at the start."""
     grad_accum: int = 4
     """Micro-batches per optimizer step; their losses are averaged."""
     lr: float = 1e-5
@@ -229,6 +239,9 @@ class RepBendConfig:
             sub = d.get(name) or {}
             if not isinstance(sub, dict):
                 raise ConfigError(f"{source}: group {name!r} must be a mapping of keys, got {type(sub).__name__}")
+            if group_cls is LossConfig:  # its keys are the chosen method's (LossConfig names a wrong one)
+                kwargs[name] = LossConfig(**sub)
+                continue
             known = [f.name for f in dataclasses.fields(group_cls)]
             for key in sub:
                 if key not in known:
@@ -238,7 +251,8 @@ class RepBendConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: (g.to_dict() if isinstance(g := getattr(self, f.name), LossConfig) else dataclasses.asdict(g))
+                for f in dataclasses.fields(self)}
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "RepBendConfig":

@@ -93,6 +93,8 @@ def coerce(value, hint, key: str):
         optional = len(members) < len(typing.get_args(hint))
         if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
             return None
+        if len(members) == 1:  # X | None: X's own message
+            return coerce(value, members[0], key)
         for m in members:
             try:
                 return coerce(value, m, key)
@@ -213,7 +215,10 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def describe_group(name: str, cls) -> list[str]:
-    """Help lines for every field of a group: `--name.key TYPE (default X)` then its documentation."""
+    """Help lines for every field of a group: `--name.key TYPE (default X)` then its documentation (a group whose
+    keys depend on another setting, such as `loss`, describes itself)."""
+    if hasattr(cls, "describe"):
+        return cls.describe()
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     inst = cls()

@@ -24,14 +24,15 @@ import torch
 
 from . import checkpoint as ckpt
 from . import run_dir
-from .build import build_data, check_data, load_model, make_sampler, prepare_model
+from .build import build_data, check_data, check_model_fits, load_model, make_sampler, prepare_model
 from .config import RepBendConfig
 from .distributed import DistState, init_distributed, wrap_model
 from .errors import TrainingError
 from .loss import RepBendLoss
 from .loss.layout import layout_kind
 from .metrics import StepLogger, peak_memory_bytes
-from .model import unwrap
+from .roles import ROLES
+from .model import model_depth, unwrap
 
 log = logging.getLogger("repbend")
 
@@ -81,9 +82,9 @@ def micro_batch_rng(seed: int, index: int, device: torch.device):
 def data_fingerprint(pools) -> str:
     """A short hash of every tokenized row of the pools (a resume compares it: same files, same contents)."""
     h = hashlib.sha256()
-    for name in ("wgm_safe", "wgm_unsafe", "wj_pairs", "retain"):
-        h.update(name.encode())
-        for item in getattr(pools, name):
+    for role in ROLES:
+        h.update(role.encode())
+        for item in pools.role(role):
             for s in (item if isinstance(item, tuple) else (item,)):
                 h.update(np.asarray(s.input_ids, dtype=np.int64).tobytes())
                 h.update(int(s.request_len).to_bytes(8, "little"))
@@ -102,8 +103,10 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     if t.merge and dist.sharded:
         raise TrainingError("train.merge is not supported with distributed.strategy fsdp; merge the saved weights "
                             "afterwards, or use ddp")
-    if cfg.loss.method == "rmu" and dist.sharded:  # its reference pass swaps whole tensors in and out
-        raise TrainingError("loss.method rmu is not supported with distributed.strategy fsdp; use ddp")
+    if dist.sharded:
+        loss_fn.method.check_strategy(cfg.distributed.strategy)
+    if model is None and cfg.model.path is not None:  # the settings against the model's depth, before its weights
+        check_model_fits(cfg, loss_fn.method, model_depth(cfg.model.path))
 
     # the run directory: a resume point (its settings compared before anything is loaded), or a fresh start
     resume_from = dist.broadcast_object(run_dir.resume_point(out, t.resume) if dist.is_main else None)
@@ -124,11 +127,13 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     model, params = prepare_model(cfg, model, loss_fn)
     model.to(dist.device)
     if pools is None:
-        pools = build_data(cfg, tokenizer)
+        pools = build_data(cfg, tokenizer, loss_fn)
     if dist.is_main:
         log.info("data:\n%s", pools.report.summary())
-    check_data(cfg, pools)
-    sampler = make_sampler(cfg, pools)
+    check_data(cfg, pools, loss_fn)
+    sampler = make_sampler(cfg, pools, loss_fn)
+    if dist.is_main:
+        log.info("micro-batch: %s", loss_fn.method.composition(pools, t.batch_size))
     fingerprint = data_fingerprint(pools)
     if dist.is_main:
         if saved is not None:  # the same files may hold other rows now
@@ -264,13 +269,9 @@ def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def _save_weights(model, loss_fn, path: Path, state: dict | None = None) -> None:
-    """The trained weights in their loadable form: PEFT's adapter files (`state` = the full LoRA tensors when the
-    model's are sharded), or what the method's objective writes (RMU: its full tensors)."""
-    save = getattr(loss_fn.objective, "save_weights", None)
-    if save is not None:
-        return save(model, path, state)
-    from .distributed import unwrap_for_save
-    unwrap_for_save(model).save_pretrained(str(path), state_dict=state)
+    """The trained weights in their loadable form, as the method writes them (PEFT's adapter files; `state` = the full
+    tensors when the model's are sharded)."""
+    loss_fn.method.save_weights(model, path, state)
 
 
 def _save(out, step, model, loss_fn, optimizer, scheduler, bad_in_row, cfg, dist: DistState, fingerprint) -> None:
@@ -289,8 +290,7 @@ def _save(out, step, model, loss_fn, optimizer, scheduler, bad_in_row, cfg, dist
 
 
 def _save_merged(model, loss_fn, tokenizer, path: Path) -> None:
-    merge = getattr(loss_fn.objective, "merged_model", None)
-    merged = merge(model) if merge is not None else model.merge_and_unload()
+    merged = loss_fn.method.merged_model(model)
     tmp = path.with_name(path.name + ".tmp")
     merged.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))

@@ -136,3 +136,4 @@ def test_layout_kinds_and_inputs():
     assert fl["max_length_q"] == 6 and fl["cu_seq_lens_q"].dtype == torch.int32
     one = lay_out(seqs, pad_id=0)  # one row per sequence: plain causal attention, no mask
     assert not one.packed and attention_inputs(one, "sdpa", torch.float32)["attention_mask"] is None
+

@@ -150,11 +150,12 @@ def test_the_final_adapter_is_replaced_atomically(assets, tmp_path, monkeypatch)
 def test_a_weighted_term_without_rows_is_an_error_at_start(assets, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(TrainingError, match=r"loss.epsilon = 0.3 weights L_KL.*data.ultrachat .*empty.jsonl gave 0"):
+    # a file named that gives nothing is an error itself (naming what it held), before any term's check
+    with pytest.raises(TrainingError, match=r"data.ultrachat .*empty.jsonl gave no usable retain rows \(0 read\)"):
         train(_cfg(assets, tmp_path / "a", "--data.ultrachat", str(empty)))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"messages": []}\n{"nope": 1}\n')
-    with pytest.raises(TrainingError, match=r"L_KL.*broken.jsonl gave 0 usable rows \(2 read, 2 skipped"):
+    with pytest.raises(TrainingError, match=r"broken.jsonl gave no usable retain rows \(2 read, 2 skipped as invalid"):
         train(_cfg(assets, tmp_path / "b", "--data.ultrachat", str(broken), "--data.skip_invalid", "true"))
     args = _args(assets, tmp_path / "c", "--loss.eta", "0.5")
     i = args.index("--data.wildjailbreak")
@@ -264,11 +265,15 @@ def test_train_help_lists_every_key_with_type_default_and_text():
     from repbend.cli import train_help
     from repbend.config_fields import field_docs
     text = train_help()
-    for name, cls in RepBendConfig.groups().items():
+    from repbend.methods import METHODS, method_class
+    groups = [(name, cls) for name, cls in RepBendConfig.groups().items() if name != "loss"]
+    groups += [("loss", method_class(m).Settings) for m in METHODS]  # each method's own keys
+    for name, cls in groups:
         docs = field_docs(cls)
         for f in __import__("dataclasses").fields(cls):
             assert f"--{name}.{f.name} " in text, f.name
             assert docs.get(f.name), f"{name}.{f.name} has no documentation"
+    assert "--loss.method {repbend,circuit_breakers,rmu}" in text
     assert "{request_last,request_all,request_response,response_all,response_one,response_R}" in text
     assert "--lora.r int  (default: 16)" in text and "--train.seed int  (default: 42)" in text
     p = _cli("train", "--train.lr", "3e-4", "--print_config")
@@ -284,7 +289,7 @@ def test_data_without_unsafe_rows_is_one_clear_error(assets, tmp_path):
     i = args.index("--data.wildjailbreak")
     with pytest.raises(TrainingError) as e:
         train(RepBendConfig.load(None, args[:i] + args[i + 2:]))
-    assert "cannot fill one micro-batch" in str(e.value) and "wgm_unsafe has 0 rows" in str(e.value)
+    assert "cannot fill one micro-batch" in str(e.value) and "unsafe rows: 0" in str(e.value)
     assert "safe_only.jsonl" in str(e.value)
 
 

@@ -94,7 +94,8 @@ GEN_BATCH_SIZE = 32
 def demo_config(model_dir: str, paths: dict, out: Path, seed: int, max_steps: int, eval_every: int,
                 method: str = "repbend", overrides: dict | None = None) -> RepBendConfig:
     """The demo's settings: for RepBend the published coefficients, a small LoRA and a higher lr for the tiny model;
-    for another method, its `DEMO_METHODS` settings on top of them; then `overrides` ({group: {key: value}})."""
+    for another method, its `DEMO_METHODS` settings on top of them (its `loss` group replaces RepBend's, since
+    each method has its own loss keys); then `overrides` ({group: {key: value}}) on top."""
     d = {
         "model": {"path": model_dir},
         "data": {"wildguardmix": paths["wildguardmix"], "wildjailbreak": paths["wildjailbreak"],
@@ -105,9 +106,10 @@ def demo_config(model_dir: str, paths: dict, out: Path, seed: int, max_steps: in
                   "grad_accum": 1, "lr": 1e-4, "seed": seed, "save_every": 50, "eval_every": eval_every,
                   "tensorboard": False},
     }
-    for settings in (DEMO_METHODS[method].settings, overrides or {}):
-        for group, values in settings.items():
-            d.setdefault(group, {}).update(values)
+    for group, values in DEMO_METHODS[method].settings.items():  # a method's own loss keys only
+        d[group] = dict(values) if group == "loss" else {**d[group], **values}
+    for group, values in (overrides or {}).items():
+        d.setdefault(group, {}).update(values)
     return RepBendConfig.from_dict(d)
 
 
