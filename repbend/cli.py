@@ -10,14 +10,15 @@ USAGE = """usage: repbend COMMAND [options]
 
 commands:
   train       RepBend LoRA training:  repbend train --config FILE.yaml [--group.key value ...]
-  demo        the built-in tiny model and data, end to end on the CPU:  repbend demo [--output DIR] [--seed N]
-  eval        attack success rate and over-refusal:  repbend eval --model.path DIR [--adapter DIR] ... --output DIR
+  demo        the built-in tiny model and data, end to end on the CPU:  repbend demo [--train.output_dir DIR]
+  eval        attack success rate and over-refusal:  repbend eval --model.path DIR [--model.adapter DIR] ...
   logit-lens  layers x tokens heatmap, base vs tuned
   rep-shift   per-layer representation shift, base vs tuned
   bench       end-to-end step benchmark against the reference recipe
   recipes     the shipped recipes by name (`repbend recipes cp NAME PATH` copies one to edit)
 
 `repbend COMMAND --help` lists the options of a command. `--debug` shows the traceback of an error.
+`repbend --version` prints the version.
 """
 
 
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from . import __version__
+        print(f"repbend {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
