@@ -80,6 +80,15 @@ DEMO_METHODS = {
         "data": {"max_request_tokens": 128, "max_response_tokens": 128, "max_retain_tokens": 256},
         "train": {"lr": 1e-3},
     }, output="trained weights"),
+    "npo": DemoMethod("NPO", 150, {
+        "loss": {"method": "npo", "npo_beta": 0.1, "npo_alpha": 1.0, "npo_gamma": 0.1, "temperature": 2.0},
+        "train": {"lr": 1e-4},
+    }),
+    "dpo": DemoMethod("DPO", 150, {
+        "loss": {"method": "dpo", "dpo_beta": 0.1},
+        "data": {"wildguardmix": None, "ultrachat": None},  # WildJailbreak pairs only
+        "train": {"lr": 1e-4},
+    }),
 }
 METHODS = tuple(DEMO_METHODS)
 NAMES = {k: m.name for k, m in DEMO_METHODS.items()}
