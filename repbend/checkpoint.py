@@ -3,14 +3,17 @@
 A checkpoint is a directory `<output_dir>/checkpoints/step-NNNNNN/` holding
 - `adapter/`: the trained weights in their loadable form (a PEFT adapter, or RMU's tensors);
 - `state.pt`: the trained tensors, the optimizer and scheduler states, the RNG states, the step counter (which is
-  also the data position: micro-batches are a pure function of their index), the count of bad steps in a row;
+  also the data position: micro-batches are a pure function of their index), the count of bad steps in a row and
+  of leading steps with a zero gradient (`repbend.train_guard`);
 - `config.json`: the run's settings, compared by a resume;
 - `manifest.json`, written last: the size and SHA-256 of every other file.
 
 It is written into a temporary sibling directory and renamed into place, so that a crash leaves either a whole
-checkpoint or none (a leftover `*.tmp*` directory is removed by the next save). A checkpoint whose manifest is
-missing or does not match its files (a truncated `state.pt`, say) is incomplete: `latest_checkpoint` skips it
-with a warning that names it, and resumes from the newest complete one.
+checkpoint or none (a leftover `*.tmp*` directory is removed by the next save). A write that fails removes its
+temporary directory at once, and a full disk is a `TrainingError` saying "no space left on device" with the path.
+A checkpoint whose manifest is missing or does not match its files (a truncated `state.pt`, say) is incomplete:
+`latest_checkpoint` skips it with a warning that names it, and resumes from the newest complete one. Rotation
+(`train.keep_checkpoints`) counts complete checkpoints only.
 """
 from __future__ import annotations
 

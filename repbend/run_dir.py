@@ -88,7 +88,7 @@ class StartPlan:
 def plan(out: Path, resume, overwrite: bool) -> StartPlan:
     """Decide how the run starts in `out`, refusing what must not happen; removes nothing (see `begin`)."""
     point = resume_point(out, resume)
-    if point is not None and _inside(point.parent, ckpt.checkpoint_dir(out)):
+    if point is not None and point.parent.resolve() == ckpt.checkpoint_dir(out).resolve():
         return StartPlan(point, fence_after=_step_of(point))
     found = previous_run(out)
     if point is not None:  # another directory's checkpoint: a new branch in `out`
