@@ -138,6 +138,10 @@ def fence(out: Path, step: int) -> None:
     logfile = out / "log.jsonl"
     if complete:
         dest = out / ABANDONED / f"after-step-{step:06d}-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while dest.exists():  # a second branch from the same step within the same second
+            n += 1
+            dest = dest.with_name(dest.name.split("+")[0] + f"+{n}")
         (dest / "checkpoints").mkdir(parents=True)
         for p in complete:
             os.replace(p, dest / "checkpoints" / p.name)

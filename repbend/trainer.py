@@ -146,10 +146,10 @@ def _train(cfg: RepBendConfig, held: contextlib.ExitStack, *, model, tokenizer, 
     sampler = make_sampler(cfg, pools, loss_fn)
     if dist.is_main:
         log.info("micro-batch: %s", loss_fn.method.composition(pools, t.batch_size))
-    facts["run.data_fingerprint"] = data_fingerprint(pools)
+    late = _facts_after_load(cfg, facts, pools)
     if dist.is_main:
         if saved is not None:  # the same files may hold other rows now (and a hub model is only now in the cache)
-            changes += _compare_loaded(cfg, saved, resume_from, facts)
+            changes += _compare_loaded(cfg, saved, resume_from, facts, late)
         run_dir.begin(out, start)  # only now: overwrite's removal, a branch's fencing
         if saved is not None:
             run_dir.record_changes(out, resume_from, saved["step"], changes)
@@ -306,13 +306,22 @@ def _compare_resume(cfg, saved: dict, resume_from: Path, facts: dict, world_size
                                 cfg.train.max_steps)
 
 
-def _compare_loaded(cfg, saved: dict, resume_from: Path, facts: dict) -> list[tuple]:
-    """After loading: the data's fingerprint (same files, other rows?) and a model fingerprint not taken before."""
+def _facts_after_load(cfg, facts: dict, pools) -> list[str]:
+    """Add the run facts known only once the model and data loaded: the data's fingerprint, and the model's when its
+    files were not found before (a hub model, in the cache only now). Returns the keys added."""
+    facts["run.data_fingerprint"] = data_fingerprint(pools)
+    late = ["run.data_fingerprint"]
+    if facts.get("run.model_fingerprint") is None and cfg.model.path is not None:
+        facts["run.model_fingerprint"] = run_dir.model_fingerprint(cfg.model.path)
+        late.append("run.model_fingerprint")
+    return late
+
+
+def _compare_loaded(cfg, saved: dict, resume_from: Path, facts: dict, late: list[str]) -> list[tuple]:
+    """After loading: the facts of `_facts_after_load` against the checkpoint's (the data's always; the model's
+    where the checkpoint has one)."""
     old = saved["settings"]
-    keys = ["run.data_fingerprint"]
-    if "run.model_fingerprint" in old and facts.get("run.model_fingerprint") is None:
-        facts["run.model_fingerprint"] = run_dir.model_fingerprint(cfg.model.path)  # a hub model, now cached
-        keys.append("run.model_fingerprint")
+    keys = [k for k in late if k == "run.data_fingerprint" or k in old]
     return run_dir.check_resume(resume_from, saved["step"], {k: old.get(k) for k in keys},
                                 {k: facts.get(k) for k in keys}, cfg.train.allow_config_change, cfg.train.max_steps)
 

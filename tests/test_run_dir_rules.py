@@ -276,3 +276,29 @@ def test_the_row_layout_is_a_trajectory_setting(assets, tmp_path):
                           (["--train.pack_length", "64"], "train.pack_length 1024 -> 64")):
         with pytest.raises(TrainingError, match=change):
             train(cfg(assets, packed, "--train.resume", "true", "--train.max_steps", "2", *extra))
+
+
+def test_the_model_fingerprint_reads_contents_not_times_and_finds_a_cached_hub_model(assets, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+    from repbend.run_dir import model_fingerprint
+    local = tmp_path / "m"
+    shutil.copytree(assets[0], local)
+    fp = model_fingerprint(str(local))
+    os.utime(local / "model.safetensors", (1, 1))  # a copy with other times: the same model
+    assert model_fingerprint(str(local)) == fp
+    # a hub name is read from its snapshot in the hub cache, never from the network
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(local, snapshot)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert model_fingerprint("org/tiny") == fp and model_fingerprint("org/not-cached") is None
+    # one changed byte in the last MiB of a weight file
+    weights = snapshot / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint("org/tiny") != fp
