@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from .config import RepBendConfig
 from .errors import TrainingError
-from .model import LoraSettings, attach_lora, decoder_layers, enable_checkpointing, load_model_and_tokenizer
+from .model import (LoraSettings, attach_lora, check_model_path, decoder_layers, enable_checkpointing,
+                    load_model_and_tokenizer)
 
 
 def load_model(cfg: RepBendConfig, device):
@@ -13,6 +14,32 @@ def load_model(cfg: RepBendConfig, device):
         raise TrainingError("model.path is not set: give --model.path DIR (an HF model directory or hub name)")
     return load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype, device=str(device),
                                     attn_implementation=cfg.model.attn_implementation, liger=cfg.model.liger)
+
+
+def check_before_load(cfg: RepBendConfig, *, model_given: bool = False, evaluate_given: bool = False) -> None:
+    """The checks of a run's settings against this machine and its files that need no model: each failure is one
+    line, before minutes go into loading a model. The model path (a path-like name must be a directory), the device
+    (CUDA asked for and present), the process-group backend (nccl needs CUDA), the output directory (a directory,
+    writable), the periodic evaluation (a held-out file to read, every row valid) and Weights & Biases (a key or an
+    offline mode; the server is never contacted here)."""
+    from .preflight import check_backend, check_device, check_output_dir, check_wandb
+
+    t = cfg.train
+    if not model_given:
+        if cfg.model.path is None:
+            raise TrainingError("model.path is not set: give --model.path DIR (an HF model directory or hub name)")
+        check_model_path(cfg.model.path)
+    device = check_device(cfg.model.device)
+    check_backend(cfg.distributed.backend, device)
+    check_output_dir(t.output_dir)
+    if t.eval_every and not t.eval_heldout and not evaluate_given:
+        raise TrainingError(f"train.eval_every {t.eval_every} needs the held-out prompts to evaluate: give "
+                            "--train.eval_heldout FILE (or set --train.eval_every 0)")
+    if t.eval_every and t.eval_heldout and not evaluate_given:
+        from .heldout import load_heldout
+        load_heldout(t.eval_heldout)  # every row checked now, not at the first evaluation
+    if "wandb" in t.report_to:
+        check_wandb()
 
 
 def adapter_layers(cfg: RepBendConfig, method, n_layers: int) -> list[int] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .config_fields import Group, Layers, parse_layers
+from .config_fields import Group, Layers, PathStr, parse_layers
 from .errors import ConfigError
 from .loss.config import LossConfig
 
@@ -25,14 +25,17 @@ __all__ = ["RepBendConfig", "ModelConfig", "DataConfig", "LoraConfig", "LossConf
            "DistributedConfig", "ConfigError", "parse_layers"]
 
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+SEED_MAX = 2 ** 32 - 1  # np.random.seed's limit; torch.manual_seed and np.random.SeedSequence accept more
 
 
 @dataclass
 class ModelConfig(Group):
     NAME = "model"
 
-    path: str | None = None
-    """HF model directory or hub name (the demo alone runs without one: it builds its tiny model)."""
+    path: PathStr | None = None
+    """HF model directory or hub name (the demo alone runs without one: it builds its tiny model). A path-like value
+    (starting with . / or ~, or naming an existing parent directory) that is no directory is an error; only a hub
+    name goes to the hub."""
     dtype: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16",
                                                              "float32")})
     """Weights and compute dtype: auto = bf16 on a GPU, fp32 on the CPU (bfloat16/float16/float32 are the same as
@@ -57,11 +60,11 @@ class ModelConfig(Group):
 class DataConfig(Group):
     NAME = "data"
 
-    wildguardmix: str | None = None
+    wildguardmix: PathStr | None = None
     """WildGuardMix rows: a .jsonl/.json/.parquet file or a hub name NAME[:CONFIG][@SPLIT]."""
-    wildjailbreak: str | None = None
+    wildjailbreak: PathStr | None = None
     """WildJailbreak pairs (prompt, prompt_type, harmless_answer, harmful_answer): a file or a hub name."""
-    ultrachat: str | None = None
+    ultrachat: PathStr | None = None
     """UltraChat conversations (messages) for the retain rows: a file or a hub name."""
     max_examples_per_pool: int = 10_000
     """At most this many rows per role (safe, unsafe, pair, retain): a seeded random subset when more qualify; the
@@ -119,14 +122,16 @@ class LoraConfig(Group):
 class TrainConfig(Group):
     NAME = "train"
 
-    output_dir: str = "runs/repbend"
-    """Run directory: config.yaml, log.jsonl, checkpoints/, adapter/ (docs/checkpoints.md)."""
+    output_dir: PathStr = "runs/repbend"
+    """Run directory: config.yaml, log.jsonl, checkpoints/, adapter/ (docs/checkpoints.md). One run at a time:
+    a run holds a lock on it until it ends."""
     overwrite: bool = False
-    """A fresh run into an output_dir that holds another run's checkpoints, log or adapter is refused; true
-    removes them first."""
-    resume: bool | str | None = None
-    """true (or auto) = the newest complete checkpoint in output_dir, if any; a path = that checkpoint;
-    null/false = start fresh."""
+    """A fresh run (or a branch from another directory's checkpoint) into an output_dir that holds another run's
+    steps is refused; true replaces that run, removed only once the checks passed and the model and data loaded."""
+    resume: bool | PathStr | None = None
+    """true (or auto) = the newest complete checkpoint in output_dir, if any; a path = that checkpoint (an older
+    one of output_dir branches there: the newer checkpoints are fenced; another directory's starts a new branch
+    in output_dir); null/false = start fresh."""
     allow_config_change: bool = False
     """Let a resume go on with settings that change the training trajectory (recorded in config_changes.jsonl)."""
     max_steps: int = 450
@@ -146,11 +151,12 @@ class TrainConfig(Group):
     schedule: str = field(default="constant", metadata={"choices": ("constant", "linear", "cosine")})
     """Learning-rate schedule after the warm-up: constant, or linear/cosine decay to 0 at max_steps."""
     warmup_steps: int = 0
-    """Steps of linear warm-up from 0."""
+    """Steps of linear warm-up from 0 (at most max_steps)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm of the trained tensors (0 = no clipping)."""
     seed: int = 42
-    """Seeds the adapters' initialisation, the data order and the dropout masks."""
+    """Seeds the adapters' initialisation, the data order and the dropout masks: 0 .. 2**32 - 1 (numpy's global
+    seed range; torch and numpy's SeedSequence take more)."""
     save_every: int = 50
     """Checkpoint every N optimizer steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
@@ -159,8 +165,8 @@ class TrainConfig(Group):
     """Stop after this many steps in a row with a non-finite loss or gradient (each one is skipped);
     0 stops at the first."""
     eval_every: int = 0
-    """Run the periodic held-out evaluation every N steps (0 = off)."""
-    eval_heldout: str | None = None
+    """Run the periodic held-out evaluation every N steps (0 = off; needs train.eval_heldout)."""
+    eval_heldout: PathStr | None = None
     """JSONL of held-out prompts for the periodic evaluation ({kind: harmful|benign, prompt, answer?})."""
     merge: bool = False
     """Also write <output_dir>/merged: the base model with the trained weights merged in."""
@@ -190,6 +196,9 @@ class TrainConfig(Group):
         self.check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
                    "be two values in [0, 1)")
         self.check(self.output_dir.strip() != "", "output_dir", "not be empty")
+        self.check(self.seed <= SEED_MAX, "seed", f"be in [0, {SEED_MAX}] (numpy's global seed range, 2**32 - 1)")
+        self.check(self.warmup_steps <= self.max_steps, "warmup_steps",
+                   f"be <= train.max_steps ({self.max_steps}): the learning rate would never reach train.lr")
         if self.resume is True or (isinstance(self.resume, str) and self.resume.lower() in ("auto", "latest")):
             self.resume = "auto"
         elif self.resume is False:
@@ -263,9 +272,11 @@ class RepBendConfig:
             if not p.is_file():
                 raise ConfigError(f"--config: no such file: {path}")
             try:
-                d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+                d = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
             except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+            except DuplicateKey as e:
+                raise ConfigError(f"{path}: {e}") from None
             if not isinstance(d, dict):
                 raise ConfigError(f"{path}: the top level must be a mapping of groups (model, data, lora, ...)")
         groups = cls.groups()
@@ -275,9 +286,38 @@ class RepBendConfig:
                 raise ConfigError(f"--{key}: overrides look like --group.key value, with group one of "
                                   f"{', '.join(groups)}")
             d.setdefault(group, {})
+            if d[group] is not None and not isinstance(d[group], dict):
+                raise ConfigError(f"{path}: group {group!r} must be a mapping of keys, got {type(d[group]).__name__}")
             d[group] = dict(d[group] or {})
             d[group][name] = value
         return cls.from_dict(d, source=str(path) if path is not None else "config")
+
+
+class DuplicateKey(ConfigError):
+    """A key given twice in one YAML mapping (raised by `UniqueKeyLoader`; `load` adds the file name)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping: YAML keeps the last value silently, so a
+    second `train:` block would replace the first and a repeated `lr:` would win without a word. Keys merged in
+    with `<<` may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    continue
+                if first != line:
+                    raise DuplicateKey(f"duplicate key {key!r} at lines {first} and {line} (YAML would keep only "
+                                       "the last; give each key once)")
+        return super().construct_mapping(node, deep)
 
 
 def parse_overrides(argv: list[str]):

@@ -102,6 +102,22 @@ def _start_wandb(out: Path, project: str, config: dict | None, resuming: bool):
                       name=out.name)
 
 
+def logged_steps(path: Path) -> bool:
+    """Whether the log at `path` records at least one step (a failure before step 1 leaves it empty)."""
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                    return True
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+    return False
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Keep the records of steps <= `step`. Lines that are not whole JSON records (a line torn by a crash, a
     stray byte) are dropped on their own; every valid earlier record stays."""

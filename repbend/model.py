@@ -57,10 +57,34 @@ def resolve_attention(attn: str, device: torch.device, dtype: torch.dtype) -> st
 
 
 def check_model_path(path: str, key: str = "model.path") -> None:
-    """A path that looks local must exist (a hub name such as `org/name` is left to the loader)."""
-    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise ConfigError(f"{key}: {path} is not a directory (give an HF model directory or a hub name)")
+    """A path that looks local must be a directory; only a hub name (`org/name`, `name`) is left to the loader, so a
+    mistyped local path is one line at once instead of a minute of hub retries. Path-like: starts with `.`, `/` or
+    `~`, holds a backslash or more than one `/`, ends with `/`, names an existing directory as its first component
+    (`models/llama` with ./models present), exists as a file, or is no valid hub repository id."""
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return
+    if os.path.exists(local):
+        raise ConfigError(f"{key}: {path} is a file, not a model directory (give an HF model directory or a hub name)")
+    if looks_like_path(path):
+        raise ConfigError(f"{key}: no such directory: {path} (give an HF model directory, or a hub name such as "
+                          "org/name)")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `name` reads as a filesystem path rather than a hub repository id (see `check_model_path`)."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/") or name.count("/") > 1:
+        return True
+    if "/" in name and os.path.isdir(name.split("/", 1)[0]):
+        return True
+    try:
+        from huggingface_hub.utils import validate_repo_id
+        validate_repo_id(name)
+    except ImportError:  # pragma: no cover (huggingface_hub comes with transformers)
+        return False
+    except Exception:  # HFValidationError: no hub name can look like this
+        return True
+    return False
 
 
 @contextlib.contextmanager

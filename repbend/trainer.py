@@ -24,7 +24,8 @@ import torch
 
 from . import checkpoint as ckpt
 from . import run_dir
-from .build import build_data, check_data, check_model_fits, load_model, make_sampler, prepare_model
+from .build import (build_data, check_before_load, check_data, check_model_fits, load_model, make_sampler,
+                    prepare_model)
 from .config import RepBendConfig
 from .distributed import DistState, init_distributed, wrap_model
 from .errors import TrainingError
@@ -33,6 +34,8 @@ from .loss.layout import layout_kind
 from .metrics import StepLogger, peak_memory_bytes
 from .roles import ROLES
 from .model import model_depth, unwrap
+from .run_lock import RunLock
+from .train_guard import TrainingGuard
 
 log = logging.getLogger("repbend")
 
@@ -95,10 +98,21 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
           evaluate: Callable[[object, int], dict] | None = None) -> TrainResult:
     """Train with `cfg.loss.method`. `model`/`tokenizer`/`pools` may be given (the demo and tests do); otherwise
     they come from `cfg`. `evaluate(model, step) -> dict` runs every `train.eval_every` steps; its dict is logged,
-    and a true `stop` key in it ends the run there (the weights of that step are kept)."""
+    and a true `stop` key in it ends the run there (the weights of that step are kept).
+
+    A run that trained nothing (`repbend.train_guard`) raises `TrainingError` after keeping what it wrote; rank 0
+    holds the output directory's lock (`repbend.run_lock`) from before the model loads until it returns or raises."""
+    check_before_load(cfg, model_given=model is not None, evaluate_given=evaluate is not None)
+    with contextlib.ExitStack() as held:
+        return _train(cfg, held, model=model, tokenizer=tokenizer, pools=pools, evaluate=evaluate)
+
+
+def _train(cfg: RepBendConfig, held: contextlib.ExitStack, *, model, tokenizer, pools, evaluate) -> TrainResult:
     t = cfg.train
     dist = init_distributed(cfg.distributed, cfg.model.device)
     out = Path(t.output_dir)
+    if dist.is_main:
+        held.enter_context(RunLock(out))  # one run per directory, released however this call ends
     loss_fn = RepBendLoss(cfg.loss)
     if t.merge and dist.sharded:
         raise TrainingError("train.merge is not supported with distributed.strategy fsdp; merge the saved weights "
@@ -108,17 +122,15 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     if model is None and cfg.model.path is not None:  # the settings against the model's depth, before its weights
         check_model_fits(cfg, loss_fn.method, model_depth(cfg.model.path))
 
-    # the run directory: a resume point (its settings compared before anything is loaded), or a fresh start
-    resume_from = dist.broadcast_object(run_dir.resume_point(out, t.resume) if dist.is_main else None)
+    # the run directory: a resume point (its settings compared before anything is loaded), or a fresh start;
+    # nothing in it is removed or fenced before the model and data have loaded (run_dir.begin below)
+    start = dist.broadcast_object(run_dir.plan(out, t.resume, t.overwrite) if dist.is_main else None)
+    resume_from = start.resume_from
     saved = ckpt.load_config(resume_from) if resume_from is not None else None
     changes: list[tuple] = []
-    if dist.is_main:
-        if saved is None:
-            run_dir.start_fresh(out, t.overwrite)
-        else:
-            new = run_dir.settings_of(cfg.to_dict(), dist.world_size, saved["settings"].get("run.data_fingerprint"))
-            changes = run_dir.check_resume(resume_from, saved["step"], saved["settings"], new, t.allow_config_change,
-                                           t.max_steps)
+    facts = {"run.model_fingerprint": run_dir.model_fingerprint(cfg.model.path)}
+    if dist.is_main and saved is not None:
+        changes = _compare_resume(cfg, saved, resume_from, facts, dist.world_size)
     dist.barrier()
 
     seed_everything(t.seed)
@@ -134,12 +146,12 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     sampler = make_sampler(cfg, pools, loss_fn)
     if dist.is_main:
         log.info("micro-batch: %s", loss_fn.method.composition(pools, t.batch_size))
-    fingerprint = data_fingerprint(pools)
+    late = _facts_after_load(cfg, facts, pools)
     if dist.is_main:
-        if saved is not None:  # the same files may hold other rows now
-            key = "run.data_fingerprint"
-            changes += run_dir.check_resume(resume_from, saved["step"], {key: saved["settings"].get(key)},
-                                            {key: fingerprint}, t.allow_config_change, t.max_steps)
+        if saved is not None:  # the same files may hold other rows now (and a hub model is only now in the cache)
+            changes += _compare_loaded(cfg, saved, resume_from, facts, late)
+        run_dir.begin(out, start)  # only now: overwrite's removal, a branch's fencing
+        if saved is not None:
             run_dir.record_changes(out, resume_from, saved["step"], changes)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(_yaml(cfg.to_dict()), encoding="utf-8")  # the settings that now run
@@ -153,7 +165,7 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.schedule, t.warmup_steps, t.max_steps))
-    step, bad_in_row = 0, 0
+    step, bad_in_row, zero_grad_steps = 0, 0, 0
     if resume_from is not None:
         state = ckpt.load_state(resume_from)
         dist.load_trainable(model, state["trainable"], _load_trainable)
@@ -168,6 +180,7 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
             group["lr"] = t.lr * factor(scheduler.last_epoch)
         dist.restore_rng(state["rng"])
         step, bad_in_row = state["step"], state["bad_in_row"]
+        zero_grad_steps = state.get("zero_grad_steps", 0)  # older checkpoints: past the window of that rule
         if dist.is_main:
             log.info("resumed from %s at step %d", resume_from, step)
 
@@ -179,6 +192,8 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logger = StepLogger(out, enabled=dist.is_main, progress=t.progress, sinks=t.sinks, total=t.max_steps,
                         initial=step, config=cfg.to_dict(), project=t.wandb_project)
+    held.callback(logger.close)  # also when a step raises
+    guard = TrainingGuard(params, step, zero_grad_steps, t.max_steps, t.max_bad_steps, out)
     history, stopped = [], None
     model.train()
     while step < t.max_steps:
@@ -202,6 +217,7 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
         sums = dist.mean_of(sums)
         grad_norm = dist.clip_grad_norm_(params, t.max_grad_norm)
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
+        lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler's get_last_lr is the next step's after it)
         if finite:
             optimizer.step()
             bad_in_row = 0
@@ -211,7 +227,7 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
         scheduler.step()
         step += 1
         elapsed = time.perf_counter() - t0
-        record = {"step": step, **sums, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, **sums, "lr": lr,
                   "grad_norm": float(grad_norm), "skipped": not finite,
                   "tokens": dist.sum_of(tokens), "padded_positions": dist.sum_of(positions),
                   "tokens_per_s": dist.sum_of(tokens) / elapsed, "step_s": elapsed,
@@ -235,8 +251,12 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
                 stopped = f"the periodic evaluation asked to stop at step {step}"
         logger.write(record)
         history.append(record)
-        if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stopped:
-            _save(out, step, model, loss_fn, optimizer, scheduler, bad_in_row, cfg, dist, fingerprint)
+        problem = guard.after_step(record)
+        if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stopped or problem:
+            _save(out, step, model, loss_fn, optimizer, scheduler, bad_in_row, cfg, dist, facts,
+                  guard.zero_grad_steps)
+        if problem:
+            raise TrainingError(problem)
         if stopped:
             break
     logger.close()
@@ -244,12 +264,15 @@ def train(cfg: RepBendConfig, *, model=None, tokenizer=None, pools=None,
     full = dist.adapter_state(model)
     if dist.is_main:
         tmp = out / f"adapter.tmp{id(model)}"
-        _save_weights(model, loss_fn, tmp, full)
+        ckpt.write_new_dir(tmp, lambda d: _save_weights(model, loss_fn, d, full), f"the adapter {adapter_dir}")
         ckpt.replace_dir(tmp, adapter_dir)
         if t.merge:
             _save_merged(model, loss_fn, tokenizer, out / "merged")
     dist.barrier()
+    problem = guard.at_end(step, bad_in_row, dist.any_of)
     dist.shutdown()
+    if problem:
+        raise TrainingError(problem)
     return TrainResult(str(out), str(adapter_dir), step, history, stopped)
 
 
@@ -274,14 +297,45 @@ def _save_weights(model, loss_fn, path: Path, state: dict | None = None) -> None
     loss_fn.method.save_weights(model, path, state)
 
 
-def _save(out, step, model, loss_fn, optimizer, scheduler, bad_in_row, cfg, dist: DistState, fingerprint) -> None:
+def _compare_resume(cfg, saved: dict, resume_from: Path, facts: dict, world_size: int) -> list[tuple]:
+    """Before loading: the checkpoint's settings against these (and the model's fingerprint where it was taken)."""
+    old = saved["settings"]
+    new = run_dir.settings_of(cfg.to_dict(), world_size, {k: v for k, v in facts.items() if k in old})
+    new.update({k: old[k] for k in ("run.data_fingerprint", "run.model_fingerprint") if k in old and k not in new})
+    return run_dir.check_resume(resume_from, saved["step"], old, new, cfg.train.allow_config_change,
+                                cfg.train.max_steps)
+
+
+def _facts_after_load(cfg, facts: dict, pools) -> list[str]:
+    """Add the run facts known only once the model and data loaded: the data's fingerprint, and the model's when its
+    files were not found before (a hub model, in the cache only now). Returns the keys added."""
+    facts["run.data_fingerprint"] = data_fingerprint(pools)
+    late = ["run.data_fingerprint"]
+    if facts.get("run.model_fingerprint") is None and cfg.model.path is not None:
+        facts["run.model_fingerprint"] = run_dir.model_fingerprint(cfg.model.path)
+        late.append("run.model_fingerprint")
+    return late
+
+
+def _compare_loaded(cfg, saved: dict, resume_from: Path, facts: dict, late: list[str]) -> list[tuple]:
+    """After loading: the facts of `_facts_after_load` against the checkpoint's (the data's always; the model's
+    where the checkpoint has one)."""
+    old = saved["settings"]
+    keys = [k for k in late if k == "run.data_fingerprint" or k in old]
+    return run_dir.check_resume(resume_from, saved["step"], {k: old.get(k) for k in keys},
+                                {k: facts.get(k) for k in keys}, cfg.train.allow_config_change, cfg.train.max_steps)
+
+
+def _save(out, step, model, loss_fn, optimizer, scheduler, bad_in_row, cfg, dist: DistState, facts,
+          zero_grad_steps: int = 0) -> None:
     rng = dist.gather_objects(ckpt.rng_state())
     trainable = dist.full_trainable_state(model, _trainable_state)
     optim_state = dist.optimizer_state(model, optimizer)
     if dist.is_main:
         state = {"step": step, "bad_in_row": bad_in_row, "trainable": trainable, "optimizer": optim_state,
-                 "scheduler": scheduler.state_dict(), "rng": rng, "world_size": dist.world_size}
-        info = {"step": step, "settings": run_dir.settings_of(cfg.to_dict(), dist.world_size, fingerprint),
+                 "scheduler": scheduler.state_dict(), "rng": rng, "world_size": dist.world_size,
+                 "zero_grad_steps": zero_grad_steps}
+        info = {"step": step, "settings": run_dir.settings_of(cfg.to_dict(), dist.world_size, facts),
                 "config": cfg.to_dict()}
         weights = trainable if dist.sharded else None  # FSDP: PEFT cannot read sharded tensors itself
         ckpt.save_checkpoint(out, step, save_adapter=lambda d: _save_weights(model, loss_fn, d, weights), state=state,

@@ -248,7 +248,7 @@ def test_user_errors_are_one_line_with_exit_code_2(assets, tmp_path):
         (["train", "--lora.r", "-3"], "lora.r must be >= 1"),
         (["train", "--lora.dropout", "2"], "lora.dropout must be in [0, 1)"),
         (["train", *_args(assets, tmp_path / "x")[:1], str(tmp_path / "missing"), *_args(assets, tmp_path / "x")[2:]],
-         "model.path: " + str(tmp_path / "missing") + " is not a directory"),
+         "model.path: no such directory: " + str(tmp_path / "missing")),
         (["train", "--model.path", str(no_template), *_args(assets, tmp_path / "y")[2:]], "has no chat template"),
     ]
     for args, message in cases:
