@@ -87,7 +87,7 @@ DEMO_METHODS = {
     "dpo": DemoMethod("DPO", 150, {
         "loss": {"method": "dpo", "dpo_beta": 0.1},
         "data": {"wildguardmix": None, "ultrachat": None},  # WildJailbreak pairs only
-        "train": {"lr": 1e-4},
+        "train": {"lr": 3e-4},
     }),
 }
 METHODS = tuple(DEMO_METHODS)
