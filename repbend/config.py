@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ __all__ = ["RepBendConfig", "ModelConfig", "DataConfig", "LoraConfig", "LossConf
            "DistributedConfig", "ConfigError", "parse_layers"]
 
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt")
 SEED_MAX = 2 ** 32 - 1  # np.random.seed's limit; torch.manual_seed and np.random.SeedSequence accept more
 
 
@@ -148,10 +151,13 @@ class TrainConfig(Group):
     """AdamW weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas (two values)."""
-    schedule: str = field(default="constant", metadata={"choices": ("constant", "linear", "cosine")})
-    """Learning-rate schedule after the warm-up: constant, or linear/cosine decay to 0 at max_steps."""
+    schedule: str = field(default="constant", metadata={"choices": SCHEDULES})
+    """Learning-rate schedule after the warm-up, transformers' own (get_scheduler): constant, linear or cosine decay
+    to 0 at max_steps, cosine_with_restarts, polynomial, inverse_sqrt."""
     warmup_steps: int = 0
     """Steps of linear warm-up from 0 (at most max_steps)."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a share of max_steps (ceil(warmup_ratio * max_steps) steps), instead of warmup_steps."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm of the trained tensors (0 = no clipping)."""
     seed: int = 42
@@ -171,9 +177,10 @@ class TrainConfig(Group):
     merge: bool = False
     """Also write <output_dir>/merged: the base model with the trained weights merged in."""
     progress: bool = True
-    """Show a progress bar."""
-    tensorboard: bool = True
-    """Write TensorBoard scalars to <output_dir>/tb (a warning, once, when tensorboard is not installed)."""
+    """Show progress: a bar on a terminal, one log line per tenth of the run otherwise (a log file)."""
+    tensorboard: bool | None = None
+    """Write TensorBoard scalars to <output_dir>/tb: null = when the tensorboard package is installed, true = always
+    (a warning when it is not installed), false = never."""
     report_to: list[str] = field(default_factory=list, metadata={"choices": ("tensorboard", "wandb")})
     """Further metric sinks besides log.jsonl: wandb (Weights & Biases; resumes into the same run on
     train.resume). tensorboard here is the same as train.tensorboard true."""
@@ -199,15 +206,26 @@ class TrainConfig(Group):
         self.check(self.seed <= SEED_MAX, "seed", f"be in [0, {SEED_MAX}] (numpy's global seed range, 2**32 - 1)")
         self.check(self.warmup_steps <= self.max_steps, "warmup_steps",
                    f"be <= train.max_steps ({self.max_steps}): the learning rate would never reach train.lr")
+        self.check(0.0 <= self.warmup_ratio <= 1.0, "warmup_ratio", "be in [0, 1]")
+        self.check(not (self.warmup_ratio and self.warmup_steps), "warmup_ratio",
+                   "be 0 when train.warmup_steps is set (give one of the two)")
         if self.resume is True or (isinstance(self.resume, str) and self.resume.lower() in ("auto", "latest")):
             self.resume = "auto"
         elif self.resume is False:
             self.resume = None
 
     @property
+    def warmup(self) -> int:
+        """Warm-up steps: warmup_steps, or ceil(warmup_ratio * max_steps)."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.max_steps)
+
+    @property
     def sinks(self) -> list[str]:
         """The metric sinks besides log.jsonl."""
-        out = ["tensorboard"] if self.tensorboard else []
+        tensorboard = self.tensorboard
+        if tensorboard is None:
+            tensorboard = importlib.util.find_spec("tensorboard") is not None
+        out = ["tensorboard"] if tensorboard else []
         return out + [s for s in self.report_to if s not in out]
 
 

@@ -52,17 +52,14 @@ class TrainResult:
 
 
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    """The multiplier of the base learning rate at optimizer step `s` (HF's warm-up conventions)."""
-    def f(s: int) -> float:
-        if s < warmup:
-            return s / max(1, warmup)
-        if schedule == "constant":
-            return 1.0
-        progress = (s - warmup) / max(1, total - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return f
+    """The multiplier of the base learning rate at optimizer step `s`: transformers' schedule of that name
+    (`get_scheduler`), with `warmup` linear warm-up steps; "constant" keeps the warm-up (transformers'
+    constant_with_warmup)."""
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only its LambdaLR's factor is kept
+    return get_scheduler(name, probe, num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0]
 
 
 def seed_everything(seed: int) -> None:
@@ -164,7 +161,7 @@ def _train(cfg: RepBendConfig, held: contextlib.ExitStack, *, model, tokenizer, 
         evaluate = heldout_evaluator(t.eval_heldout, tokenizer)
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.schedule, t.warmup_steps, t.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.schedule, t.warmup, t.max_steps))
     step, bad_in_row, zero_grad_steps = 0, 0, 0
     if resume_from is not None:
         state = ckpt.load_state(resume_from)
@@ -173,7 +170,7 @@ def _train(cfg: RepBendConfig, held: contextlib.ExitStack, *, model, tokenizer, 
         scheduler.load_state_dict(state["scheduler"])
         for group in optimizer.param_groups:  # the settings of this run (a resume may change them, when allowed)
             group.update(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        factor = lr_factor(t.schedule, t.warmup_steps, t.max_steps)
+        factor = lr_factor(t.schedule, t.warmup, t.max_steps)
         scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
         scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
         for group in optimizer.param_groups:

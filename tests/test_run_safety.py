@@ -299,3 +299,31 @@ def test_resume_with_only_incomplete_checkpoints_says_so(assets, tmp_path):
     (out / "checkpoints" / "step-000001" / "manifest.json").unlink()
     with pytest.raises(TrainingError, match="holds no complete checkpoint"):
         train(_cfg(assets, out, "--train.resume", "true"))
+
+
+def test_tensorboard_by_default_only_when_installed_and_progress_lines_in_a_log_file(assets, tmp_path, monkeypatch,
+                                                                                    caplog):
+    import importlib.util
+
+    installed = importlib.util.find_spec("tensorboard") is not None
+    assert RepBendConfig.load(None, []).train.sinks == (["tensorboard"] if installed else [])
+    assert RepBendConfig.load(None, ["--train.tensorboard", "false"]).train.sinks == []
+    assert RepBendConfig.load(None, ["--train.tensorboard", "true"]).train.sinks == ["tensorboard"]
+    # output that is not a terminal (a log file): plain lines, no bar redraws
+    with caplog.at_level(logging.INFO, logger="repbend"):
+        train(_cfg(assets, tmp_path / "run", "--train.progress", "true", "--train.max_steps", "3"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("repbend: ")]
+    assert lines and lines[-1].startswith("repbend: 3/3 steps") and "loss=" in lines[-1]
+    assert "\r" not in caplog.text and "tensorboard package is not installed" not in caplog.text
+
+
+def test_schedules_are_transformers_own_with_a_warmup_ratio():
+    from repbend.trainer import lr_factor
+
+    cfg = RepBendConfig.load(None, ["--train.max_steps", "20", "--train.warmup_ratio", "0.15", "--train.schedule",
+                                    "cosine_with_restarts"]).train
+    assert cfg.warmup == 3
+    f = lr_factor(cfg.schedule, cfg.warmup, cfg.max_steps)
+    assert [round(f(s), 3) for s in (0, 1, 3)] == [0.0, 0.333, 1.0] and f(20) == 0.0
+    with pytest.raises(ConfigError, match="train.warmup_ratio must be 0 when train.warmup_steps is set"):
+        RepBendConfig.load(None, ["--train.warmup_steps", "2", "--train.warmup_ratio", "0.1"])

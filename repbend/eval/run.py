@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from repbend.data.errors import DataError
 from repbend.data.sources import check_file, read_text
@@ -265,7 +265,7 @@ def generate_jobs(model, tokenizer, jobs: list[atk.Job], cfg: EvalConfig, sink) 
     stop_ids = gen.stop_token_ids(tokenizer, model)
     plain = [j for j in jobs if j.attack != "input_embed"]
     soft = [j for j in jobs if j.attack == "input_embed"]
-    bar = tqdm(total=len(jobs), desc="generate", unit="prompt", dynamic_ncols=True)
+    bar = progress_bar(len(jobs), "generate", unit="prompt")
     requests = [atk.job_request(tokenizer, j) for j in plain]
     for idx, texts, counts in gen.iter_generate(model, tokenizer, requests, max_new_tokens=cfg.max_new_tokens,
                                                 batch_size=cfg.batch_size, stop_ids=stop_ids):
@@ -317,7 +317,7 @@ def judge_rows(rows: list[dict], judges: list[tuple[str, str | None]], cfg: Eval
             continue
         model, tokenizer = load_classifier(path, dtype=cfg.dtype, device=cfg.device)
         judge = ClassifierJudge(name, model, tokenizer, batch_size=cfg.judge_batch_size)
-        with tqdm(total=len(todo), desc=f"judge {name}", unit="row", dynamic_ncols=True) as bar:
+        with progress_bar(len(todo), f"judge {name}", unit="row") as bar:
             for row, (verdicts, raw) in zip(todo, judge(todo, progress=bar.update)):
                 row.setdefault("verdicts", {}).update(verdicts)
                 row.setdefault("judge_raw", {})[name] = raw
