@@ -90,8 +90,8 @@ LENS_PREFIX ?= Sure, here is how to carry out forbidden task 17: step one, get p
 figures: $(VENV)/.installed
 	test -f demo_out/repbend/adapter/adapter_config.json || $(PY) -m repbend demo
 	mkdir -p docs/img
-	$(PY) -m repbend logit-lens --model.path demo_out/base_model --adapter demo_out/repbend/adapter \
-	    --prompt "$(LENS_PROMPT)" --response-prefix "$(LENS_PREFIX)" --max-tokens 22 --output docs/img/demo_logit_lens.png
+	$(PY) -m repbend logit-lens --model.path demo_out/base_model --model.adapter demo_out/repbend/adapter \
+	    --lens.prompt "$(LENS_PROMPT)" --lens.response_prefix "$(LENS_PREFIX)" --lens.max_tokens 22 --lens.output docs/img/demo_logit_lens.png
 	$(PY) -m repbend bench --model small --steps 3 --output bench_out/step_small
 	cp bench_out/step_small/step_bench.png docs/img/bench_small_cpu.png
 

@@ -149,8 +149,9 @@ def _dn(dt) -> str:
 
 def methods_available() -> list[str]:
     out = ["repbend"]
-    for method, module in (("circuit_breakers", "repbend.loss.circuit_breakers"), ("rmu", "repbend.loss.rmu")):
-        if importlib.util.find_spec(module) is not None:
+    from repbend.methods import REGISTRY
+    for method in ("circuit_breakers", "rmu"):
+        if method in REGISTRY:
             out.append(method)
     return out
 

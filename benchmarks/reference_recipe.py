@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from repbend.loss.batch import pair_length, term_positions
+from repbend.methods.repbend import pair_length, term_positions
 from repbend.config import LossConfig
 
 

@@ -199,9 +199,10 @@ def timed_passes(phases: Phases, method: str):
     (restored on exit)."""
     import importlib
 
-    module = importlib.import_module({"repbend": "repbend.loss.objective",
-                                      "circuit_breakers": "repbend.loss.circuit_breakers",
-                                      "rmu": "repbend.loss.rmu"}[method])
+    from repbend.methods import REGISTRY
+
+    module_name, _, cls_name = REGISTRY[method].partition(":")
+    module = importlib.import_module(module_name)
 
     def wrap(fn, name):
         def timed(*a, **k):
@@ -212,7 +213,7 @@ def timed_passes(phases: Phases, method: str):
         return timed
     targets = [(module, "trained_pass", "lora_forward")]
     if method == "rmu":
-        targets.append((module.RMUObjective, "_reference", "ref_forward"))
+        targets.append((getattr(module, cls_name), "_reference", "ref_forward"))
     else:
         targets.append((module, "gathered_reference", "ref_forward"))
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]

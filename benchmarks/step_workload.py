@@ -172,7 +172,7 @@ def synthetic_pools(vocab: int, batch_size: int, seed: int, scale: float = 1.0):
     every length (quick runs only)."""
     import numpy as np
 
-    from repbend.data.examples import DataReport, Pools, Sequence
+    from repbend.data.examples import DataReport, DataSpec, Pools, Sequence
     from repbend.data.sampler import CHUNK_BATCHES, seeded_rng
 
     rng = seeded_rng(seed, "bench_step")
@@ -196,8 +196,8 @@ def synthetic_pools(vocab: int, batch_size: int, seed: int, scale: float = 1.0):
         req = ids(r)
         pairs.append((Sequence(req + ids(a), r, f"synthetic:wj:{i}"), Sequence(req + ids(b), r, f"synthetic:wj:{i}")))
     retain = [Sequence(ids(k), 0, f"synthetic:retain:{i}") for i, k in enumerate(lengths("retain"))]
-    report = DataReport(request_only=False, limits={}, max_examples_per_pool=None, seed=seed)
-    return Pools(safe, unsafe, pairs, retain, report)
+    report = DataReport(DataSpec(), limits={}, max_examples_per_pool=None, seed=seed)
+    return Pools(safe, unsafe, pairs, retain, report, DataSpec())
 
 
 def micro_batches(vocab: int, batch_size: int, seed: int, count: int, scale: float = 1.0,
@@ -206,13 +206,12 @@ def micro_batches(vocab: int, batch_size: int, seed: int, count: int, scale: flo
     import dataclasses
 
     from repbend.data.sampler import MicroBatchSampler
+    from repbend.loss import LossConfig, RepBendLoss
 
     pools = synthetic_pools(vocab, batch_size, seed, scale)
-    if method != "repbend":
-        pools = dataclasses.replace(pools, method=method)
-        sampler = MicroBatchSampler(pools, batch_size, seed, group_by_length=True, method=method)
-    else:
-        sampler = MicroBatchSampler(pools, batch_size, seed, group_by_length=True)
+    loss = RepBendLoss(LossConfig(method=method))
+    pools = dataclasses.replace(pools, spec=loss.data_spec())  # the synthetic rows stand for any method's rendering
+    sampler = MicroBatchSampler(pools, batch_size, seed, loss, group_by_length=True)
     return [sampler(i) for i in range(count)]
 
 

@@ -4,10 +4,12 @@ CPU in seconds and downloads nothing.
     python examples/hf_trainer.py                      # 2 optimizer steps into a temporary folder
     python examples/hf_trainer.py --steps 4 --output runs/hf_example
 
-With your own model: load it (and its tokenizer), attach LoRA adapters (peft.get_peft_model, or
-repbend.model.attach_lora as here), build the pools from the public files with repbend.data.build_pools (as here,
-with your tokenizer and file paths), and keep every TrainingArguments setting you use; RepBendTrainer only swaps
-the loss (see repbend/integrations/hf.py for the rows, the batch and what is logged).
+With your own model: load it (and its tokenizer), attach LoRA adapters (peft.get_peft_model, as here), build the
+pools from the public files with repbend.data.build_pools (as here, with your tokenizer and file paths: .jsonl,
+.json, .parquet or a hub name), and keep every TrainingArguments setting you use; RepBendTrainer only swaps the
+loss. A dataset row is one whole micro-batch (B rows per set), so per_device_train_batch_size counts micro-batches;
+micro_batch_dataset(..., args=args) makes as many rows as the run reads (rows_needed). Another method: give its
+LossConfig (e.g. LossConfig(method="npo")) to build_pools' spec, micro_batch_dataset and the Trainer alike.
 """
 from __future__ import annotations
 
@@ -30,12 +32,12 @@ def main(argv: list[str] | None = None):
     import torch
     from transformers import TrainingArguments
 
+    from peft import LoraConfig, get_peft_model
+
     from repbend.data import Limits, build_pools
-    from repbend.demo.assets import build_tiny_model, build_tokenizer
-    from repbend.demo.synthetic import corpus, write_demo_data
+    from repbend.demo import build_tiny_model, build_tokenizer, corpus, write_demo_data
     from repbend.integrations.hf import RepBendTrainer, micro_batch_dataset
-    from repbend.loss import LossConfig
-    from repbend.model import LoraSettings, attach_lora
+    from repbend.loss import LossConfig, RepBendLoss
 
     out = Path(a.output or tempfile.mkdtemp(prefix="repbend_hf_"))
     # the public formats (WildGuardMix, WildJailbreak, UltraChat), with placeholder contents
@@ -43,18 +45,21 @@ def main(argv: list[str] | None = None):
     tokenizer = build_tokenizer(corpus())
     model = build_tiny_model(tokenizer, seed=a.seed, layers=4, hidden=64, heads=4, kv_heads=2)
     torch.manual_seed(a.seed)  # LoRA A's initialisation draws from the global generator
-    model = attach_lora(model, LoraSettings(r=8, alpha=16, dropout=0.05), layers_to_transform=range(4))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]))
+    loss = LossConfig(target_layers="2-4", eta=0.3)
     pools = build_pools(tokenizer, paths["wildguardmix"], paths["wildjailbreak"], paths["ultrachat"],
-                        request_only=False, limits=Limits(max_response_tokens=48, max_retain_tokens=96), seed=a.seed)
-    rows = micro_batch_dataset(pools, batch_size=a.batch_size, num_rows=a.steps * a.grad_accum, seed=a.seed)
+                        spec=RepBendLoss(loss).data_spec(), seed=a.seed,
+                        limits=Limits(max_response_tokens=48, max_retain_tokens=96))
 
     args = TrainingArguments(
         output_dir=str(out / "trainer"), max_steps=a.steps, per_device_train_batch_size=1,
         gradient_accumulation_steps=a.grad_accum, learning_rate=1e-3, lr_scheduler_type="constant",
         max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=a.seed,
         disable_tqdm=True)
-    trainer = RepBendTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                             loss=LossConfig(target_layers="2-4", eta=0.3))
+    rows = micro_batch_dataset(pools, batch_size=a.batch_size, args=args, seed=a.seed, loss=loss)
+    trainer = RepBendTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, loss=loss)
     trainer.train()
     trainer.save_model(str(out / "adapter"))  # PEFT's adapter files
 

@@ -1,4 +1,4 @@
-"""The `repbend` command: train | demo | eval | logit-lens | rep-shift | bench | plan."""
+"""The `repbend` command: train | demo | eval | logit-lens | rep-shift | bench | plan | recipes."""
 from __future__ import annotations
 
 import logging
@@ -10,14 +10,16 @@ USAGE = """usage: repbend COMMAND [options]
 
 commands:
   train       RepBend LoRA training:  repbend train --config FILE.yaml [--group.key value ...]
-  demo        the built-in tiny model and data, end to end on the CPU:  repbend demo [--output DIR] [--seed N]
-  eval        attack success rate and over-refusal:  repbend eval --model.path DIR [--adapter DIR] ... --output DIR
+  demo        the built-in tiny model and data, end to end on the CPU:  repbend demo [--train.output_dir DIR]
+  eval        attack success rate and over-refusal:  repbend eval --model.path DIR [--model.adapter DIR] ...
   logit-lens  layers x tokens heatmap, base vs tuned
   rep-shift   per-layer representation shift, base vs tuned
   bench       end-to-end step benchmark against the reference recipe
   plan        a step at real shapes on fake tensors: memory per GPU, FLOPs per token, whether it fits
+  recipes     the shipped recipes by name (`repbend recipes cp NAME PATH` copies one to edit)
 
 `repbend COMMAND --help` lists the options of a command. `--debug` shows the traceback of an error.
+`repbend --version` prints the version.
 """
 
 
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] in ("--version", "-V"):
+        from . import __version__
+        print(f"repbend {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -51,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         fn = {"eval": eval_cli.main_eval, "logit-lens": eval_cli.main_logit_lens,
               "rep-shift": eval_cli.main_rep_shift}[cmd]
         return _run(fn, rest, debug)
+    if cmd == "recipes":
+        from .recipes import main as recipes_main
+        return _run(recipes_main, rest, debug)
     if cmd == "bench":
         from .bench import main as bench_main
         return _run(bench_main, rest, debug)
@@ -98,7 +107,8 @@ def _train(argv: list[str]) -> int:
         i = argv.index("--config")
         if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
             raise ConfigError("--config needs a YAML file")
-        config = argv[i + 1]
+        from .recipes import resolve
+        config = resolve(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
     show = "--print_config" in argv or "--print-config" in argv
     argv = [a for a in argv if a not in ("--print_config", "--print-config")]
@@ -121,10 +131,14 @@ def train_help() -> str:
     from .config import RepBendConfig
     from .config_fields import describe_group
 
-    lines = ["usage: repbend train [--config FILE.yaml] [--group.key value ...] [--print_config] [--debug]", "",
-             "Settings come from the YAML file, then from --group.key value (or --group.key=value; a bare flag means",
-             "true). --print_config prints the resulting settings as YAML and exits. --debug shows the traceback",
-             "of an error. Every key:", ""]
+    from .recipes import names
+    lines = ["usage: repbend train [--config FILE.yaml|RECIPE] [--group.key value ...] [--print_config] [--debug]",
+             "",
+             "Settings come from the YAML file (or a shipped recipe by name: " + ", ".join(names()) + "; `repbend",
+             "recipes` lists them), then from --group.key value (or --group.key=value; a bare flag means true).",
+             "--print_config prints the resulting settings as YAML and exits. --debug shows the traceback of an",
+             "error. Without a recipe, layer settings default to the published ones at the model's own depth.",
+             "Every key:", ""]
     for name, cls in RepBendConfig.groups().items():
         lines += describe_group(name, cls) + [""]
     return "\n".join(lines)

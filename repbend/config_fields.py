@@ -14,12 +14,16 @@ raises `ConfigError` naming the key:
     list[T]  a YAML list, or a comma-separated string "a,b".
     Layers   hidden-state or decoder-layer indices: "20-30", "18,29,20-30", 7, or a list of ints; kept in order,
              duplicates kept.
+    PathStr  a file or directory path (or, where the field says so, a hub name): a string whose leading `~` or
+             `~user` is expanded here, once, so that every later use (the log, the loaders, the run directory)
+             sees the same path.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import inspect
+import os
 import re
 import textwrap
 import types
@@ -30,6 +34,9 @@ from .errors import ConfigError
 
 Layers = NewType("Layers", list)
 """An ordered list of layer indices, written "20-30", "1,2,5", "2-4,7", 7 or [20, 21]."""
+
+PathStr = NewType("PathStr", str)
+"""A path setting: a string with `~` expanded (`os.path.expanduser`); a hub name passes unchanged."""
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -72,6 +79,8 @@ def parse_layers(spec, key: str = "layers") -> list[int]:
 def _type_name(hint) -> str:
     if hint is Layers:
         return "layers"
+    if hint is PathStr:
+        return "path"
     args = typing.get_args(hint)
     if _is_union(hint):
         return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
@@ -93,6 +102,8 @@ def coerce(value, hint, key: str):
         optional = len(members) < len(typing.get_args(hint))
         if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
             return None
+        if len(members) == 1:  # X | None: X's own message
+            return coerce(value, members[0], key)
         for m in members:
             try:
                 return coerce(value, m, key)
@@ -103,6 +114,8 @@ def coerce(value, hint, key: str):
         raise ConfigError(f"{key}: expected {_type_name(hint)}, got null")
     if hint is Layers:
         return parse_layers(value, key)
+    if hint is PathStr:
+        return os.path.expanduser(coerce(value, str, key))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -213,7 +226,10 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def describe_group(name: str, cls) -> list[str]:
-    """Help lines for every field of a group: `--name.key TYPE (default X)` then its documentation."""
+    """Help lines for every field of a group: `--name.key TYPE (default X)` then its documentation (a group whose
+    keys depend on another setting, such as `loss`, describes itself)."""
+    if hasattr(cls, "describe"):
+        return cls.describe()
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     inst = cls()

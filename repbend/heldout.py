@@ -15,6 +15,8 @@ from .data.errors import DataError
 
 
 def load_heldout(path: str | Path) -> list[dict]:
+    """Every row of the held-out file, checked (kind, prompt, the optional answer): a run reads it before the model
+    loads, so a bad row stops the run at start instead of at its first evaluation."""
     from .data.sources import read_records
 
     rows = []
@@ -23,6 +25,9 @@ def load_heldout(path: str | Path) -> list[dict]:
             raise DataError(origin, f"must be 'harmful' or 'benign', got {row.get('kind')!r}", field="kind")
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise DataError(origin, "missing or empty", field="prompt")
+        answer = row.get("answer")
+        if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+            raise DataError(origin, f"must be a non-empty string when given, got {answer!r}", field="answer")
         rows.append(row)
     if not rows:
         raise DataError(str(path), "no held-out prompts in the file")

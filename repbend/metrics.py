@@ -41,16 +41,15 @@ class StepLogger:
         elif initial > 0 and self.path.exists():
             truncate_after(self.path, initial)  # drop steps logged after the checkpoint we resume from
         self._fh = open(self.path, "a", encoding="utf-8")
-        if progress:
-            from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, initial=initial, desc="repbend", unit="step", dynamic_ncols=True)
+        if progress:  # a bar on a terminal, a line per tenth of the run in a log file
+            from .progress import progress_bar
+            self._bar = progress_bar(total, "repbend", unit="step", initial=initial)
         if "tensorboard" in sinks:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                log.warning("train.tensorboard is on but the tensorboard package is not installed: no TensorBoard "
-                            "scalars (pip install tensorboard, or set --train.tensorboard false); log.jsonl has "
-                            "every number")
+                log.warning("train.tensorboard true but the tensorboard package is not installed: no TensorBoard "
+                            "scalars (pip install tensorboard); log.jsonl has every number")
             else:
                 self._tb = SummaryWriter(str(self.out / "tb"))
         if "wandb" in sinks:
@@ -100,6 +99,22 @@ def _start_wandb(out: Path, project: str, config: dict | None, resuming: bool):
         id_file.write_text(run_id + "\n", encoding="utf-8")
     return wandb.init(project=project, id=run_id, resume="allow", dir=str(out), config=config,
                       name=out.name)
+
+
+def logged_steps(path: Path) -> bool:
+    """Whether the log at `path` records at least one step (a failure before step 1 leaves it empty)."""
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                    return True
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+    return False
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -31,14 +31,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """"auto" -> bf16 on GPU, fp32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
+    names = DTYPES
     if dtype not in names:
         raise ConfigError(f"model.dtype must be auto, {', '.join(names)}; got {dtype!r}")
     return names[dtype]
@@ -54,10 +57,34 @@ def resolve_attention(attn: str, device: torch.device, dtype: torch.dtype) -> st
 
 
 def check_model_path(path: str, key: str = "model.path") -> None:
-    """A path that looks local must exist (a hub name such as `org/name` is left to the loader)."""
-    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise ConfigError(f"{key}: {path} is not a directory (give an HF model directory or a hub name)")
+    """A path that looks local must be a directory; only a hub name (`org/name`, `name`) is left to the loader, so a
+    mistyped local path is one line at once instead of a minute of hub retries. Path-like: starts with `.`, `/` or
+    `~`, holds a backslash or more than one `/`, ends with `/`, names an existing directory as its first component
+    (`models/llama` with ./models present), exists as a file, or is no valid hub repository id."""
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return
+    if os.path.exists(local):
+        raise ConfigError(f"{key}: {path} is a file, not a model directory (give an HF model directory or a hub name)")
+    if looks_like_path(path):
+        raise ConfigError(f"{key}: no such directory: {path} (give an HF model directory, or a hub name such as "
+                          "org/name)")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `name` reads as a filesystem path rather than a hub repository id (see `check_model_path`)."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/") or name.count("/") > 1:
+        return True
+    if "/" in name and os.path.isdir(name.split("/", 1)[0]):
+        return True
+    try:
+        from huggingface_hub.utils import validate_repo_id
+        validate_repo_id(name)
+    except ImportError:  # pragma: no cover (huggingface_hub comes with transformers)
+        return False
+    except Exception:  # HFValidationError: no hub name can look like this
+        return True
+    return False
 
 
 @contextlib.contextmanager
@@ -88,6 +115,20 @@ def load_tokenizer(path: str, key: str = "model.path"):
     return tok
 
 
+def model_depth(path: str) -> int:
+    """The number of decoder layers of the model at `path`, from its config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    check_model_path(path)
+    with _loading("config", path, "model.path"):
+        config = AutoConfig.from_pretrained(path)
+    config = getattr(config, "get_text_config", lambda: config)()
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"model.path: the config in {path} has no num_hidden_layers")
+    return n
+
+
 def load_model_and_tokenizer(path: str, *, adapter: str | None = None, dtype: str | torch.dtype = "auto",
                              device: str = "auto", attn_implementation: str = "auto", liger: bool = False):
     """Load an HF causal LM (local directory, or a hub name where the network allows) and its tokenizer.
@@ -107,6 +148,9 @@ def load_model_and_tokenizer(path: str, *, adapter: str | None = None, dtype: st
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dt, attn_implementation=resolve_attention(attn_implementation, dev, dt)
         ).to(dev)
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):  # an adapter then names its base from anywhere (PEFT's base_model_name_or_path)
+        model.name_or_path = model.config._name_or_path = os.path.abspath(local)
     if adapter is not None:
         from peft import PeftModel
 
@@ -123,10 +167,14 @@ def apply_liger_patches(path: str) -> bool:
     if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
         log.warning("model.liger: liger-kernel is not installed or no GPU is present; continuing without it")
         return False
-    from liger_kernel.transformers import _apply_liger_kernel
+    import liger_kernel.transformers as liger
 
-    _apply_liger_kernel(_model_type(path), rms_norm=True, rope=True, swiglu=True, cross_entropy=False,
-                        fused_linear_cross_entropy=False)
+    model_type = _model_type(path)
+    patch = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)  # its public per-family function
+    if patch is None:
+        log.warning("model.liger: liger-kernel has no patches for model type %r; continuing without them", model_type)
+        return False
+    patch(rms_norm=True, rope=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
     return True
 
 
@@ -195,9 +243,15 @@ def attach_lora(model, settings: LoraSettings, layers_to_transform: Sequence[int
     bad = [i for i in layers_to_transform if not 0 <= i < n_layers]
     if bad:
         raise ValueError(f"lora.layers_to_transform {bad} out of range: the model has {n_layers} decoder layers")
+    targets = list(settings.target_modules)
+    if "all-linear" in targets:  # PEFT's shorthand, spelled out: it refuses layers_to_transform with a string
+        if len(targets) > 1:
+            raise ValueError(f"target_modules {targets}: all-linear stands alone")
+        targets = sorted({name.rsplit(".", 1)[-1] for name, mod in decoder_layers(model).named_modules()
+                          if isinstance(mod, torch.nn.Linear)})
     config = LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules), layers_to_transform=list(layers_to_transform),
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
+        layers_to_transform=list(layers_to_transform),
         bias="none", task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)

@@ -136,3 +136,52 @@ def test_layout_kinds_and_inputs():
     assert fl["max_length_q"] == 6 and fl["cu_seq_lens_q"].dtype == torch.int32
     one = lay_out(seqs, pad_id=0)  # one row per sequence: plain causal attention, no mask
     assert not one.packed and attention_inputs(one, "sdpa", torch.float32)["attention_mask"] is None
+
+
+
+def _dpo_micro(vocab: int, hide: int, seed: int = 3) -> MicroBatch:
+    """Pairs whose requests hold one token `hide` (DPO hides every pad-valued token from attention)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: tuple(torch.randint(6, vocab, (n,), generator=g).tolist())  # noqa: E731
+    chosen, rejected = [], []
+    for n_req, a, b in ((5, 4, 7), (8, 6, 3), (3, 9, 5)):
+        request = ids(n_req) + (hide,) + ids(2)
+        chosen.append(Sequence(request + ids(a), len(request), "wj"))
+        rejected.append(Sequence(request + ids(b), len(request), "wj"))
+    return MicroBatch(chosen, rejected, [], n_pairs=3)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention", FLASH_NAME])
+def test_dpo_hidden_tokens_packed_equals_unpacked(attn):
+    # torch's CPU flex-attention template fails to compile once dynamo turns the sequence length dynamic (a second
+    # shape): each shape compiles statically here (CUDA's template has no such problem; the GPU check runs it)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        _dpo_packed_equals_unpacked(attn)
+
+
+def _dpo_packed_equals_unpacked(attn):
+    model, tok = _model(attn)
+    hide = 5
+    micro = _dpo_micro(len(tok), hide)
+    loss_fn = RepBendLoss(LossConfig(method="dpo"))
+    plain = loss_fn.collate(micro, hide)
+    packed = loss_fn.collate(micro, hide, pack_length=40)
+    assert packed.rows.packed and not plain.rows.packed and plain.rows.hidden.sum() == 6
+    grads = not (attn == "flex_attention" and not torch.cuda.is_available())
+    CALLS.clear()
+    a, ga = _loss_and_grads(model, plain, loss_fn.cfg, grads)
+    calls = {"plain": list(CALLS)}
+    CALLS.clear()
+    b, gb = _loss_and_grads(model, packed, loss_fn.cfg, grads)
+    calls["packed"] = list(CALLS)
+    torch.testing.assert_close(b.total, a.total, rtol=1e-5, atol=1e-7)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()) + 1e-9)
+    # the hidden token changes the result: without hiding it (another pad id) the loss differs
+    with torch.no_grad():
+        seen = loss_fn(model, loss_fn.collate(micro, 0))
+    assert abs(float(seen.total) - float(a.total)) > 1e-6
+    if attn == FLASH_NAME:  # the hidden tokens are left out of the flattened row, packed or not
+        for kind, batch in (("plain", plain), ("packed", packed)):
+            R, T = batch.shape
+            assert calls[kind] and all(c["shape"][2] == R * T - 6 and c["cu"][-1] == R * T - 6 for c in calls[kind])

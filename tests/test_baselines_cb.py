@@ -149,9 +149,13 @@ def test_packed_equals_unpacked(attn):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
-def test_a_set_without_rows_is_left_out():
+def test_a_set_without_rows_is_left_out_only_when_allowed():
     model, tok = _model(seed=5)
-    fn = RepBendLoss(_cfg())
+    strict = RepBendLoss(_cfg())
+    with pytest.raises(ValueError, match=r"circuit_breakers: the weighted term\(s\) cb have no tokens"):
+        strict(model, strict.collate(_micro(len(tok), n_safe=2, n_unsafe=0, n_retain=1), tok.pad_token_id),
+               progress=0.5)
+    fn = RepBendLoss(_cfg(), allow_empty_terms=True)
     no_forget = _micro(len(tok), n_safe=2, n_unsafe=0, n_retain=1)
     t = fn(model, fn.collate(no_forget, tok.pad_token_id), progress=0.5)
     assert t.parts["cb"] is None and t.parts["retain"] is not None

@@ -12,6 +12,11 @@ from repbend.data.chat import Limits
 from repbend.data.pools import empty_request_draw
 from repbend.demo.assets import build_tokenizer
 from repbend.errors import TrainingError
+from repbend.loss import LossConfig, RepBendLoss
+
+
+def _loss(method):
+    return RepBendLoss(LossConfig(method=method))
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,8 @@ def files(tmp_path_factory):
 
 
 def _pools(tok, files, method="circuit_breakers", p=0.5, seed=3, cap=12, limits=None):
-    return build_pools(tok, files["wildguardmix"], files["wildjailbreak"], files["ultrachat"], request_only=False,
-                       method=method, empty_request_p=p, seed=seed, max_examples_per_pool=cap, limits=limits)
+    return build_pools(tok, files["wildguardmix"], files["wildjailbreak"], files["ultrachat"],
+                       spec=_loss(method).data_spec(p), seed=seed, max_examples_per_pool=cap, limits=limits)
 
 
 def _empty_request(tok):
@@ -60,17 +65,17 @@ def _is_empty(tok, s):
 def test_pools_render_markup_and_the_seeded_empty_instructions(tok, files):
     pools = _pools(tok, files)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    refusals, harmful = [r for r, _ in pools.wj_pairs], [h for _, h in pools.wj_pairs]
+    refusals, harmful = [r for r, _ in pools.pair], [h for _, h in pools.pair]
     # the cap applies to every pool but the forget rows of WildGuardMix
-    assert (len(pools.wgm_safe), len(pools.wgm_unsafe), len(pools.wj_pairs), len(pools.retain)) == (12, 30, 12, 12)
-    for s in pools.wgm_safe + pools.wgm_unsafe + refusals + harmful + pools.retain:
+    assert (len(pools.safe), len(pools.unsafe), len(pools.pair), len(pools.retain)) == (12, 30, 12, 12)
+    for s in pools.safe + pools.unsafe + refusals + harmful + pools.retain:
         assert s.input_ids[-1] == eot, s.origin  # every assistant turn ends with the template's end-of-turn
     # which rows are empty is the seeded draw, per pool, in order
-    for rows, pool in ((pools.wgm_safe, "wgm_safe"), (pools.wgm_unsafe, "wgm_unsafe"), (refusals, "wj_refusal"),
+    for rows, pool in ((pools.safe, "safe"), (pools.unsafe, "unsafe"), (refusals, "pair"),
                        (pools.retain, "retain")):
         assert [_is_empty(tok, s) for s in rows] == empty_request_draw(len(rows), 0.5, 3, pool), pool
     assert not any(_is_empty(tok, s) for s in harmful)
-    assert 0 < sum(_is_empty(tok, s) for s in pools.wgm_unsafe) < 30
+    assert 0 < sum(_is_empty(tok, s) for s in pools.unsafe) < 30
     # an UltraChat row so drawn is the empty instruction and its first reply; the others the whole chat
     for s in pools.retain:
         text = tok.decode(s.input_ids)
@@ -80,36 +85,34 @@ def test_pools_render_markup_and_the_seeded_empty_instructions(tok, files):
         else:
             assert s.request_len == 0 and "follow-up #" in text and "more #" in text
     rep = pools.report
-    assert rep.method == "circuit_breakers" and rep.to_dict()["empty_request_p"] == 0.5
+    assert rep.spec.response_markup and rep.to_dict()["spec"]["empty_request_p"] == 0.5
     assert rep.sources["ultrachat"].left == {"fewer than 2 messages": 3}
     uc = rep.sources["ultrachat"]
     assert uc.rows_read == sum(uc.qualified.values()) + sum(uc.left.values()) + uc.skipped.total
-    assert rep.sources["wildguardmix"].empty_request["unsafe"] == sum(_is_empty(tok, s) for s in pools.wgm_unsafe)
+    assert rep.sources["wildguardmix"].empty_request["unsafe"] == sum(_is_empty(tok, s) for s in pools.unsafe)
     assert "empty instruction" in rep.summary()
 
 
 def test_the_draw_is_deterministic_and_follows_p(tok, files):
     a, b = _pools(tok, files, seed=3), _pools(tok, files, seed=3)
-    assert (a.wgm_safe, a.wgm_unsafe, a.wj_pairs, a.retain) == (b.wgm_safe, b.wgm_unsafe, b.wj_pairs, b.retain)
+    assert (a.safe, a.unsafe, a.pair, a.retain) == (b.safe, b.unsafe, b.pair, b.retain)
     c = _pools(tok, files, seed=4)
-    assert [_is_empty(tok, s) for s in c.wgm_unsafe] != [_is_empty(tok, s) for s in a.wgm_unsafe]
-    assert empty_request_draw(5, 0.5, 3, "wgm_safe") == empty_request_draw(5, 0.5, 3, "wgm_safe")
+    assert [_is_empty(tok, s) for s in c.unsafe] != [_is_empty(tok, s) for s in a.unsafe]
+    assert empty_request_draw(5, 0.5, 3, "safe") == empty_request_draw(5, 0.5, 3, "safe")
     draws = empty_request_draw(20_000, 0.3, 0, "retain")
     assert abs(sum(draws) / len(draws) - 0.3) < 0.02
     none, every = _pools(tok, files, p=0.0), _pools(tok, files, p=1.0)
-    assert not any(_is_empty(tok, s) for s in none.wgm_safe + none.wgm_unsafe + none.retain)
-    assert all(_is_empty(tok, s) for s in every.wgm_safe + every.wgm_unsafe + [r for r, _ in every.wj_pairs])
-    assert not any(_is_empty(tok, h) for _, h in every.wj_pairs)
-    with pytest.raises(ValueError, match="request_only"):
-        build_pools(tok, files["wildguardmix"], request_only=True, method="rmu")
+    assert not any(_is_empty(tok, s) for s in none.safe + none.unsafe + none.retain)
+    assert all(_is_empty(tok, s) for s in every.safe + every.unsafe + [r for r, _ in every.pair])
+    assert not any(_is_empty(tok, h) for _, h in every.pair)
 
 
 def test_the_sampler_draws_b_forget_and_b_retain_side_rows(tok, files):
     pools, B = _pools(tok, files, method="rmu"), 4
-    s = MicroBatchSampler(pools, B, seed=0, method="rmu")
+    s = MicroBatchSampler(pools, B, seed=0, method=_loss("rmu"))
     assert s.rows_per_batch == {"forget": B, "retain_side": B}
-    forget = {x.input_ids for x in pools.wgm_unsafe + [h for _, h in pools.wj_pairs]}
-    safe_side = {x.input_ids for x in pools.wgm_safe + [r for r, _ in pools.wj_pairs]}
+    forget = {x.input_ids for x in pools.unsafe + [h for _, h in pools.pair]}
+    safe_side = {x.input_ids for x in pools.safe + [r for r, _ in pools.pair]}
     uc = {x.input_ids for x in pools.retain}
     seen = set()
     for i in range(30):
@@ -118,10 +121,10 @@ def test_the_sampler_draws_b_forget_and_b_retain_side_rows(tok, files):
         assert all(x.input_ids in forget for x in mb.unsafe)
         assert all(x.input_ids in safe_side for x in mb.safe) and all(x.input_ids in uc for x in mb.retain)
         seen.add((len(mb.safe), len(mb.retain)))
-        assert [x.origin for x in MicroBatchSampler(pools, B, seed=0, method="rmu")(i).unsafe] == \
+        assert [x.origin for x in MicroBatchSampler(pools, B, seed=0, method=_loss("rmu"))(i).unsafe] == \
             [x.origin for x in mb.unsafe]
     assert len(seen) > 1  # the split between the two retain-side sets varies: only their total is fixed
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="but method repbend reads"):
         MicroBatchSampler(pools, B, seed=0)
 
 
@@ -132,19 +135,21 @@ def _config(files, method, *extra):
 
 def test_checks_before_step_one(tok, files):
     pools = _pools(tok, files, limits=Limits(max_retain_tokens=1024))
-    longest = max(pools.wgm_safe + [r for r, _ in pools.wj_pairs] + pools.retain, key=len)
+    longest = max(pools.safe + [r for r, _ in pools.pair] + pools.retain, key=len)
     cfg = _config(files, "circuit_breakers", "--loss.cb_retain_pad_length", str(len(longest) - 1))
     with pytest.raises(TrainingError, match=f"{longest.origin}.*cb_retain_pad_length"):
-        check_data(cfg, pools)
-    check_data(_config(files, "circuit_breakers", "--loss.cb_retain_pad_length", str(len(longest))), pools)
-    only_safe = build_pools(tok, None, None, files["ultrachat"], request_only=False,
-                            method="rmu")
+        check_data(cfg, pools, RepBendLoss(cfg.loss))
+    cfg = _config(files, "circuit_breakers", "--loss.cb_retain_pad_length", str(len(longest)))
+    check_data(cfg, pools, RepBendLoss(cfg.loss))
+    only_safe = build_pools(tok, None, None, files["ultrachat"], spec=_loss("rmu").data_spec())
+    cfg = _config(files, "rmu")
     with pytest.raises(TrainingError, match="forget rows"):
-        check_data(_config(files, "rmu"), only_safe)
-    sampler = make_sampler(_config(files, "rmu"), _pools(tok, files, method="rmu"))
-    assert sampler.method == "rmu"
+        check_data(cfg, only_safe, RepBendLoss(cfg.loss))
+    sampler = make_sampler(cfg, _pools(tok, files, method="rmu"), RepBendLoss(cfg.loss))
+    assert sampler.method.NAME == "rmu"
+    cfg = _config(files, "rmu", "--train.batch_size", "100")
     with pytest.raises(TrainingError, match="forget"):
-        make_sampler(_config(files, "rmu", "--train.batch_size", "100"), _pools(tok, files, method="rmu"))
+        make_sampler(cfg, _pools(tok, files, method="rmu"), RepBendLoss(cfg.loss))
 
 
 def test_the_shipped_recipes():

@@ -10,7 +10,7 @@ import torch
 from repbend.demo.assets import build_tiny_model, build_tokenizer
 from repbend.errors import ConfigError
 from repbend.loss import LossConfig, MicroBatch, RepBendLoss, Sequence
-from repbend.loss.rmu import load_rmu_weights
+from repbend.methods.rmu import load_rmu_weights
 from repbend.model import enable_checkpointing
 
 N_LAYERS = 5
@@ -158,7 +158,7 @@ def test_swap_back_is_exact_and_no_layer_past_the_read_one_runs(pack):
     L = fn.cfg.rmu_layer
     assert calls == {i: (2 if i < L else 0) for i in range(N_LAYERS)}
     # the reference pass ran on the retain set's rows only, the trained pass on every row
-    n_ref = batch.meta["reference_rows"]
+    n_ref = batch.reference_rows
     assert 0 < n_ref < batch.input_ids.shape[0]
     assert [s[0] for s in first_rows] == [n_ref, batch.input_ids.shape[0]]
     for p, (ptr, value) in zip(params, before):
@@ -212,8 +212,11 @@ def test_saved_weights_load_into_a_fresh_model(tmp_path):
         load_rmu_weights(fresh, tmp_path)
 
 
-def test_a_set_without_rows_is_left_out():
+def test_a_set_without_rows_is_left_out_only_when_allowed():
     model, tok, fn, params, original = _prepared(seed=7)
+    with pytest.raises(ValueError, match=r"rmu: the weighted term\(s\) retain have no tokens"):
+        fn(model, fn.collate(_micro(len(tok), n_safe=0, n_unsafe=2, n_retain=0, seed=1), tok.pad_token_id))
+    fn.method.allow_empty_terms = True
     calls = []
     hook = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
     try:

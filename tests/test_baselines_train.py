@@ -14,7 +14,7 @@ from repbend import RepBendConfig, train
 from repbend.demo.assets import save_tiny_model_dir
 from repbend.demo.synthetic import corpus, write_demo_data
 from repbend.loss import RepBendLoss
-from repbend.loss.rmu import load_rmu_weights
+from repbend.methods.rmu import load_rmu_weights
 
 
 @pytest.fixture(scope="module")

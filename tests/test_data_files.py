@@ -38,15 +38,15 @@ def test_non_utf8_jsonl_names_file_line_and_field(tmp_path, tok):
     path = tmp_path / "wgm.jsonl"
     path.write_bytes(jsonl_bytes(row(0), bad, row(2)))
     with pytest.raises(DataError) as e:
-        build_pools(tok, wildguardmix=str(path), request_only=False)
+        build_pools(tok, wildguardmix=str(path))
     assert one_line(e.value) == f"{path}:2: field 'prompt': not valid UTF-8 (byte 0xff at byte column {column})"
     # the same line in a file that also has a malformed line: both skipped and counted, the good rows kept
     path.write_bytes(jsonl_bytes(row(0), bad, b"", b'{"prompt": "x\xc3', b'{"prompt": ', row(5)))
-    pools = build_pools(tok, wildguardmix=str(path), request_only=False, skip_invalid=True)
+    pools = build_pools(tok, wildguardmix=str(path), skip_invalid=True)
     rep = pools.report.sources["wildguardmix"]
     assert dict(rep.skipped.counts) == {"not valid UTF-8": 2, "malformed JSON": 1}
     assert rep.rows_read == 5 and rep.qualified == {"safe": 2}
-    assert [s.origin for s in pools.wgm_safe] == [f"{path}:1", f"{path}:6"]
+    assert [s.origin for s in pools.safe] == [f"{path}:1", f"{path}:6"]
     # a truncated multi-byte character on a line that does not parse: no field to name
     assert f"{path}:4: not valid UTF-8 (byte 0xc3 at byte column 14)" in rep.skipped.examples
 
@@ -98,7 +98,7 @@ def test_broken_parquet_is_a_data_error(tmp_path, tok, damage):
     path = tmp_path / "wgm.parquet"
     path.write_bytes(data)
     with pytest.raises(DataError) as e:
-        build_pools(tok, wildguardmix=str(path), request_only=False)
+        build_pools(tok, wildguardmix=str(path))
     assert not isinstance(e.value, pa.ArrowException) and e.value.__cause__ is None
     message = one_line(e.value)
     assert message.startswith(f"{path}: not a readable Parquet file (") or \
@@ -106,13 +106,13 @@ def test_broken_parquet_is_a_data_error(tmp_path, tok, damage):
     assert e.value.reason == "corrupt Parquet file"
     # skip_invalid does not hide a broken file
     with pytest.raises(DataError):
-        build_pools(tok, wildguardmix=str(path), request_only=False, skip_invalid=True)
+        build_pools(tok, wildguardmix=str(path), skip_invalid=True)
 
 
 def test_missing_file_and_directory(tmp_path, tok):
     missing = tmp_path / "nope" / "wgm.jsonl"
     with pytest.raises(DataFileNotFound) as e:
-        build_pools(tok, wildguardmix=str(missing), request_only=False)
+        build_pools(tok, wildguardmix=str(missing))
     assert isinstance(e.value, DataError) and isinstance(e.value, FileNotFoundError)
     assert one_line(e.value) == f"{missing}: data file not found" and e.value.filename == str(missing)
     (tmp_path / "dir.jsonl").mkdir()

@@ -3,6 +3,10 @@ import numpy as np
 import pytest
 
 from repbend.data import DataReport, Limits, MicroBatchSampler, Pools, Sequence
+from repbend.data.examples import DataSpec
+from repbend.loss import LossConfig
+
+REQUEST_ONLY = LossConfig(mode="request_all")
 
 
 def seq(tag, i, length, request_len):
@@ -26,9 +30,11 @@ def make_pools(n_safe=20, n_unsafe=14, n_pairs=12, n_retain=9, request_only=Fals
     else:
         wj = [pair(i, lens(), lens(), lens()) for i in range(n_pairs)]
         mk = lambda tag, i: (lambda n: seq(tag, i, n + 2, n))(lens())  # noqa: E731
-    return Pools(wgm_safe=[mk(1, i) for i in range(n_safe)], wgm_unsafe=[mk(2, i) for i in range(n_unsafe)],
-                 wj_pairs=wj, retain=[seq(4, i, lens(), 0) for i in range(n_retain)],
-                 report=DataReport(request_only, Limits().to_dict(), None, 0), request_only=request_only)
+    spec = DataSpec(request_only=True, description="request-only (requests with the generation prompt)") \
+        if request_only else DataSpec()
+    return Pools(safe=[mk(1, i) for i in range(n_safe)], unsafe=[mk(2, i) for i in range(n_unsafe)],
+                 pair=wj, retain=[seq(4, i, lens(), 0) for i in range(n_retain)],
+                 report=DataReport(spec, Limits().to_dict(), None, 0), spec=spec)
 
 
 def key(batch):
@@ -53,7 +59,7 @@ def test_deterministic_and_pure(group):
 def test_composition_with_all_sources_and_pair_alignment():
     pools, B = make_pools(), 3
     s = MicroBatchSampler(pools, B, seed=0)
-    assert s.rows_per_batch == {"wgm_safe": B, "wgm_unsafe": B, "wj_pairs": B, "retain": B}
+    assert s.rows_per_batch == {"safe": B, "unsafe": B, "pair": B, "retain": B}
     for i in range(12):
         mb = s(i)
         assert (len(mb.safe), len(mb.unsafe), len(mb.retain), mb.n_pairs) == (2 * B, 2 * B, B, B)
@@ -79,24 +85,26 @@ def test_composition_without_some_sources():
 
 
 def test_request_only_composition():
+    # as the reference: B unharmful requests on the safe side (not 2B), B harmful + B WildJailbreak requests unsafe
     B, pools = 2, make_pools(request_only=True)
-    mb = MicroBatchSampler(pools, B, seed=0, request_only=True)(0)
-    assert mb.n_pairs == 0 and len(mb.safe) == 2 * B and len(mb.unsafe) == 2 * B
+    mb = MicroBatchSampler(pools, B, seed=0, method=REQUEST_ONLY)(0)
+    assert mb.n_pairs == 0 and len(mb.safe) == B and len(mb.unsafe) == 2 * B
     assert all(x.origin.startswith("1:") for x in mb.safe)
     assert [x.origin[:2] for x in mb.unsafe] == ["2:"] * B + ["wj"] * B
     assert all(x.request_len == len(x) for x in mb.safe + mb.unsafe)
     no_wj = make_pools(n_pairs=0, request_only=True)
-    assert [x.origin[:2] for x in MicroBatchSampler(no_wj, B, seed=0, request_only=True)(0).unsafe] == ["2:"] * 2 * B
+    assert [x.origin[:2] for x in MicroBatchSampler(no_wj, B, seed=0, method=REQUEST_ONLY)(0).unsafe] == ["2:"] * 2 * B
     with pytest.raises(ValueError, match="request-only modes need WildGuardMix"):
-        MicroBatchSampler(make_pools(n_safe=0, n_unsafe=0, request_only=True), B, seed=0, request_only=True)
-    with pytest.raises(ValueError, match="built with request_only=True"):
-        MicroBatchSampler(pools, B, seed=0, request_only=False)
+        MicroBatchSampler(make_pools(n_safe=0, n_unsafe=0, request_only=True), B, seed=0, method=REQUEST_ONLY)
+    with pytest.raises(ValueError, match="rendered as .*request_only=True.* but method repbend reads"):
+        MicroBatchSampler(pools, B, seed=0)
 
 
 def test_too_small_pool_is_an_error():
-    with pytest.raises(ValueError, match=r"pool wgm_unsafe has 3 rows but one micro-batch needs 4"):
+    with pytest.raises(ValueError, match=r"unsafe rows: 3, but one micro-batch of batch_size 4 needs 4 "
+                                         r"\(batch_size 4: 8 safe, 8 unsafe, 4 retain rows"):
         MicroBatchSampler(make_pools(n_unsafe=3), 4, seed=0)
-    with pytest.raises(ValueError, match=r"pool wgm_unsafe has 0 rows"):
+    with pytest.raises(ValueError, match=r"unsafe rows: 0"):
         MicroBatchSampler(make_pools(n_unsafe=0), 1, seed=0)
     with pytest.raises(ValueError, match="no safe/unsafe data"):
         MicroBatchSampler(make_pools(n_safe=0, n_unsafe=0, n_pairs=0), 1, seed=0)
@@ -105,10 +113,10 @@ def test_too_small_pool_is_an_error():
 def test_epochs_cycle_independently():
     pools, B = make_pools(n_safe=10, n_unsafe=7, n_pairs=12, n_retain=9), 2
     s = MicroBatchSampler(pools, B, seed=1)
-    assert s.batches_per_epoch("wgm_safe") == 5 and s.batches_per_epoch("wgm_unsafe") == 3 and len(s) == 6
+    assert s.batches_per_epoch("safe") == 5 and s.batches_per_epoch("unsafe") == 3 and len(s) == 6
     epochs = [[x.origin for i in range(5 * e, 5 * e + 5) for x in s(i).safe[:B]] for e in range(4)]
     for e in epochs:  # every row exactly once per epoch of its pool
-        assert sorted(e) == sorted(x.origin for x in pools.wgm_safe)
+        assert sorted(e) == sorted(x.origin for x in pools.safe)
     assert len({tuple(e) for e in epochs}) > 1  # a new permutation each epoch
     unsafe = [x.origin for i in range(3) for x in s(i).unsafe[:B]]  # 7 rows, 3 batches: one row dropped per epoch
     assert len(set(unsafe)) == 6
@@ -117,7 +125,7 @@ def test_epochs_cycle_independently():
 def _padding(sampler, name, n_batches):
     total = 0
     for i in range(n_batches):
-        rows = sampler._rows(name, i)
+        rows = [item for _, item in sampler.drawn(i)[name]]
         lengths = [len(r) for r in rows]
         total += max(lengths) * len(lengths) - sum(lengths)
     return total
@@ -127,12 +135,12 @@ def test_length_grouping_reduces_padding():
     rng = np.random.default_rng(0)
     n, B = 4096, 4
     safe = [seq(1, i, int(rng.integers(8, 1000)), 4) for i in range(n)]
-    pools = Pools(safe, [seq(2, i, 10, 4) for i in range(2 * B)], [], [], DataReport(False, {}, None, 0))
+    pools = Pools(safe, [seq(2, i, 10, 4) for i in range(2 * B)], [], [], DataReport(DataSpec(), {}, None, 0))
     grouped = MicroBatchSampler(pools, B, seed=0, group_by_length=True)
     plain = MicroBatchSampler(pools, B, seed=0, group_by_length=False)
-    nb = grouped.batches_per_epoch("wgm_safe")
+    nb = grouped.batches_per_epoch("safe")
     assert nb == n // (2 * B)
-    assert _padding(grouped, "wgm_safe", nb) < 0.2 * _padding(plain, "wgm_safe", nb)
+    assert _padding(grouped, "safe", nb) < 0.2 * _padding(plain, "safe", nb)
     # still one pass over the pool per epoch, and the batch order is not sorted by length
     rows = [r.origin for i in range(nb) for r in grouped(i).safe]
     assert sorted(rows) == sorted(r.origin for r in safe)

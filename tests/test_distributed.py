@@ -234,3 +234,26 @@ def test_fault_hook_reads_its_environment(monkeypatch):
     dist.fault_point(1)
     with pytest.raises(InjectedFault, match="REPBEND_FAULT_AT_STEP=2"):
         dist.fault_point(2)
+
+
+def test_two_processes_resumed_on_one_with_twice_the_accumulation_is_bit_exact(runs, assets, tmp_path, caplog):
+    """The checkpoint of 2 processes (grad_accum 1) resumed by 1 process with grad_accum 2: the same micro-batches and
+    dropout masks (both functions of the micro-batch index), so step 3 is the 2-process run's step 3: gradient norm
+    and weights bit for bit (the logged loss and terms are means summed in another order: float32's last bit), and
+    the log says so."""
+    import logging
+    assert runs["rc"]["ddp"] == 0
+    ddp = runs["out"]["ddp"]
+    out = tmp_path / "one"
+    with caplog.at_level(logging.INFO, logger="repbend"):
+        train(RepBendConfig.load(None, _args(assets, out, "--train.grad_accum", "2", *UNUSED_ADAPTERS,
+                                             "--train.resume", str(ddp / "checkpoints" / "step-000002"))))
+    assert "written by 2 processes and this run has 1" in caplog.text and "the same steps" in caplog.text
+    a, b = _log(out), _log(ddp)
+    assert [r["step"] for r in a] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert [ra[k] for k in ("grad_norm", "lr", "skipped")] == [rb[k] for k in ("grad_norm", "lr", "skipped")]
+        for k in ("loss",) + TERMS:
+            assert ra[k] == (None if rb[k] is None else pytest.approx(rb[k], rel=1e-6)), (k, ra["step"])
+    wa, wb = _adapter(out), _adapter(ddp)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wb)

@@ -22,7 +22,8 @@ triton = pytest.importorskip("triton")
 
 from packaging.requirements import InvalidRequirement, Requirement  # noqa: E402
 
-_KERNEL_MODULES = ("repbend.kernels.rep_distance", "repbend.kernels.pairwise_cosine", "repbend.kernels.linear_kl")
+_KERNEL_MODULES = ("repbend.kernels.rep_distance", "repbend.kernels.pairwise_cosine", "repbend.kernels.linear_kl",
+                   "repbend.kernels.linear_logprob")
 
 
 def _kernels() -> dict[str, object]:

@@ -41,7 +41,8 @@ def no_model(monkeypatch):
 
 
 def _eval_args(env, out, *extra):
-    return ["--model.path", str(env / "model"), "--harmbench", str(env / "hb.json"), "--output", str(out), *extra]
+    return ["--model.path", str(env / "model"), "--eval.harmbench", str(env / "hb.json"), "--eval.output", str(out),
+            *extra]
 
 
 def _one_line(err) -> str:
@@ -51,9 +52,10 @@ def _one_line(err) -> str:
 
 
 @pytest.mark.parametrize("judge, message", [
-    ("harmbench={missing}", "--judges harmbench={missing}: no such directory"),
-    ("wildguard={empty}", "--judges wildguard={empty}: not a model directory (needs config.json and weights"),
-    ("harmbench=someone/not-cached-cls", "--judges harmbench=someone/not-cached-cls: no such directory, and not in "
+    ("harmbench={missing}", "--eval.judges harmbench={missing}: no such directory"),
+    ("wildguard={empty}", "--eval.judges wildguard={empty}: not a model directory (needs config.json and weights"),
+    ("harmbench=someone/not-cached-cls", "--eval.judges harmbench=someone/not-cached-cls: no such directory, and "
+                                         "not in "
                                          "the Hugging Face cache (offline mode)"),
 ])
 def test_missing_judge_fails_before_generation(env, tmp_path, no_model, monkeypatch, judge, message):
@@ -61,7 +63,7 @@ def test_missing_judge_fails_before_generation(env, tmp_path, no_model, monkeypa
     fill = {"missing": tmp_path / "nope" / "cls", "empty": env / "empty"}
     out = tmp_path / "run"
     with pytest.raises(UsageError) as e:
-        main_eval(_eval_args(env, out, "--judges", "keywords," + judge.format(**fill)))
+        main_eval(_eval_args(env, out, "--eval.judges", "keywords," + judge.format(**fill)))
     assert _one_line(e.value).startswith(message.format(**fill))
     assert not out.exists()  # nothing was started
 
@@ -69,14 +71,15 @@ def test_missing_judge_fails_before_generation(env, tmp_path, no_model, monkeypa
 @pytest.mark.parametrize("args, error, message", [
     (["--model.path", "{tmp}/no_model"], UsageError, "--model.path {tmp}/no_model: no such directory"),
     (["--model.path", "{env}/cls"], UsageError, "--model.path {env}/cls: the tokenizer has no chat template"),
-    (["--adapter", "{env}/model"], UsageError, "--adapter {env}/model: not a PEFT adapter directory"),
-    (["--adapter", "{tmp}/adapter"], UsageError, "--adapter {tmp}/adapter: no such directory"),
-    (["--harmbench", "{tmp}/hb.json"], DataFileNotFound, "{tmp}/hb.json: HarmBench file not found"),
-    (["--xstest", "{tmp}/xs.csv"], DataFileNotFound, "{tmp}/xs.csv: XSTest file not found"),
-    (["--attacks", "transfer", "--transfer", "{tmp}/t.jsonl"], DataFileNotFound,
+    (["--model.adapter", "{env}/model"], UsageError, "--model.adapter {env}/model: not a PEFT adapter directory"),
+    (["--model.adapter", "{tmp}/adapter"], UsageError, "--model.adapter {tmp}/adapter: no such directory"),
+    (["--eval.harmbench", "{tmp}/hb.json"], DataFileNotFound, "{tmp}/hb.json: HarmBench file not found"),
+    (["--eval.xstest", "{tmp}/xs.csv"], DataFileNotFound, "{tmp}/xs.csv: XSTest file not found"),
+    (["--eval.attacks", "transfer", "--eval.transfer", "{tmp}/t.jsonl"], DataFileNotFound,
      "{tmp}/t.jsonl: transfer file not found"),
-    (["--harmbench-targets", "{tmp}/targets.json"], DataFileNotFound, "{tmp}/targets.json: HarmBench targets file"),
-    (["--output", "{env}/hb.json"], UsageError, "--output {env}/hb.json: exists and is not a directory"),
+    (["--eval.harmbench_targets", "{tmp}/targets.json"], DataFileNotFound,
+     "{tmp}/targets.json: HarmBench targets file"),
+    (["--eval.output", "{env}/hb.json"], UsageError, "--eval.output {env}/hb.json: exists and is not a directory"),
 ])
 def test_input_paths_checked_first(env, tmp_path, no_model, args, error, message):
     fill = {"tmp": tmp_path, "env": env}
@@ -87,15 +90,16 @@ def test_input_paths_checked_first(env, tmp_path, no_model, args, error, message
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--judges", "keywords,harmbnch=x"], "--judges: unknown judge 'harmbnch'"),
-    (["--judges", "harmbench"], "--judges: harmbench needs its classifier: harmbench=DIR"),
-    (["--judges", "keywords=x"], "--judges keywords=x: the keywords judge takes no directory"),
-    (["--judges", "keywords,keywords"], "--judges: keywords is given twice"),
-    (["--judges", ","], "--judges: no judge given"),
-    (["--attacks", "direct,gcg"], "--attacks: unknown attack(s) 'gcg'; known: direct, prefill, input_embed, transfer"),
-    (["--attacks", "direct,direct"], "--attacks direct,direct: an attack is given twice"),
-    (["--attacks", "transfer"], "the transfer attack needs --transfer FILE"),
-    (["--limit", "0"], "--limit 0: must be >= 1"),
+    (["--eval.judges", "keywords,harmbnch=x"], "--eval.judges: unknown judge 'harmbnch'"),
+    (["--eval.judges", "harmbench"], "--eval.judges: harmbench needs its classifier: harmbench=DIR"),
+    (["--eval.judges", "keywords=x"], "--eval.judges keywords=x: the keywords judge takes no directory"),
+    (["--eval.judges", "keywords,keywords"], "--eval.judges: keywords is given twice"),
+    (["--eval.judges", ","], "--eval.judges: no judge given"),
+    (["--eval.attacks", "direct,gcg"],
+     "--eval.attacks: unknown attack(s) 'gcg'; known: direct, prefill, input_embed, transfer"),
+    (["--eval.attacks", "direct,direct"], "--eval.attacks direct,direct: an attack is given twice"),
+    (["--eval.attacks", "transfer"], "the transfer attack needs --eval.transfer FILE"),
+    (["--eval.limit", "0"], "--eval.limit 0: must be >= 1"),
     (["--gen.batch_size", "0"], "--gen.batch_size 0: must be >= 1"),
     (["--input_embed.lr", "0"], "--input_embed.lr 0.0: must be > 0"),
     (["--model.dtype", "fp8"], "--model.dtype 'fp8': expected one of auto, bf16"),
@@ -115,7 +119,9 @@ def test_parse_judges():
         ("keywords", None), ("harmbench", "/m/cls"), ("wildguard", "wg")]
 
 
-def test_model_options_spelled_the_same_everywhere(env, tmp_path, monkeypatch, capsys):
+def test_options_spelled_the_same_everywhere(env, tmp_path, monkeypatch, capsys):
+    """--group.key in all three commands; every older spelling still works, with one deprecation line naming the
+    new flag, and is listed only in --help's "older spellings" line."""
     seen = []
 
     def capture(path, adapter=None, dtype="auto", device="auto"):
@@ -126,42 +132,72 @@ def test_model_options_spelled_the_same_everywhere(env, tmp_path, monkeypatch, c
     monkeypatch.setattr(run_mod, "run_eval", lambda cfg: seen.append((cfg.model_path, cfg.adapter, cfg.dtype,
                                                                        cfg.device)))
     model, adapter = str(env / "model"), str(env / "adapter")
-    commands = {
-        "eval": (main_eval, ["--harmbench", str(env / "hb.json"), "--output", str(tmp_path / "o")]),
-        "logit-lens": (main_logit_lens, ["--prompt", "Hi", "--output", str(tmp_path / "l.png")]),
-        "rep-shift": (main_rep_shift, ["--safe", str(env / "safe.txt"), "--unsafe", str(env / "safe.txt"),
-                                       "--output", str(tmp_path / "r")]),
+    hb, safe = str(env / "hb.json"), str(env / "safe.txt")
+    commands = {  # (new spelling, old spelling) of the command-specific options
+        "eval": (main_eval, ["--eval.harmbench", hb, "--eval.output", str(tmp_path / "o")],
+                 ["--harmbench", hb, "--output", str(tmp_path / "o")]),
+        "logit-lens": (main_logit_lens, ["--lens.prompt", "Hi", "--lens.output", str(tmp_path / "l.png")],
+                       ["--prompt", "Hi", "--output", str(tmp_path / "l.png")]),
+        "rep-shift": (main_rep_shift, ["--shift.safe", safe, "--shift.unsafe", safe, "--shift.output",
+                                       str(tmp_path / "r")],
+                      ["--safe", safe, "--unsafe", safe, "--output", str(tmp_path / "r")]),
     }
-    for name, (main, rest) in commands.items():
-        for spelling in (["--model.device", "cpu", "--model.dtype", "fp32"], ["--device", "cpu", "--dtype", "fp32"]):
+    for name, (main, new, old) in commands.items():
+        for spelling in (["--model.adapter", adapter, "--model.device", "cpu", "--model.dtype", "fp32", *new],
+                         ["--adapter", adapter, "--device", "cpu", "--dtype", "fp32", *old]):
             seen.clear()
             try:
-                main(["--model.path", model, "--adapter", adapter, *spelling, *rest])
+                main(["--model.path", model, *spelling])
             except KeyboardInterrupt:
                 pass
             assert seen == [(model, adapter, "fp32", "cpu")], (name, spelling)
+            err = capsys.readouterr().err.splitlines()
+            used = [a for a in spelling if a.startswith("--")]
+            warned = [line for line in err if "is deprecated" in line]
+            if spelling[0] == "--adapter":
+                assert len(warned) == len(used), (name, err)
+                for flag, line in zip(used, warned):
+                    assert line.startswith(f"repbend: warning: {flag} is deprecated") and "; use --" in line
+            else:
+                assert warned == [], (name, err)
         with pytest.raises(SystemExit) as e:
             main(["--help"])
         assert e.value.code == 0
         text = capsys.readouterr().out
-        for option in ("--model.path", "--model.device", "--model.dtype", "--adapter"):
+        for option in ("--model.path", "--model.device", "--model.dtype", "--model.adapter"):
             assert option in text, (name, option)
-        assert not re.search(r"(?<![\w.])--(device|dtype)\b", text), name  # the old spellings are not advertised
+        options, _, older = text.partition("older spellings")
+        assert not re.search(r"(?<![\w.])--(device|dtype|adapter|output)\b", options), name
+        assert "--adapter = --model.adapter" in " ".join(older.split()), name
+
+
+def test_eval_help_says_what_each_judge_measures(capsys):
+    with pytest.raises(SystemExit):
+        main_eval(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "refusal phrases only" in text and "undercounts a bent model's safety" in text
+    for judge in ("keywords", "demo", "harmbench=DIR", "wildguard=DIR"):
+        assert judge in text
+    assert "cais/HarmBench-Llama-2-13b-cls" in text
+    # the file formats are in the help itself, not a pointer to the source
+    assert '{"behavior_id": "...", "prompt": "...", "method": "..."}' in text and ".py" not in text
 
 
 def test_analysis_commands_check_inputs_first(env, tmp_path, no_model):
     with pytest.raises(UsageError, match=r"^--model\.path \S+/nope: no such directory$"):
-        main_logit_lens(["--model.path", str(tmp_path / "nope"), "--prompt", "Hi", "--output", str(tmp_path / "x.png")])
-    with pytest.raises(UsageError, match=r"^--max-tokens 0: must be >= 1$"):
-        main_logit_lens(["--model.path", str(env / "model"), "--prompt", "Hi", "--max-tokens", "0",
-                         "--output", str(tmp_path / "x.png")])
-    with pytest.raises(UsageError, match=r"^--adapter \S+/empty: not a PEFT adapter directory"):
-        main_rep_shift(["--model.path", str(env / "model"), "--adapter", str(env / "empty"), "--safe",
-                        str(env / "safe.txt"), "--unsafe", str(env / "safe.txt"), "--output", str(tmp_path / "r")])
+        main_logit_lens(["--model.path", str(tmp_path / "nope"), "--lens.prompt", "Hi", "--lens.output",
+                         str(tmp_path / "x.png")])
+    with pytest.raises(UsageError, match=r"^--lens\.max_tokens 0: must be >= 1$"):
+        main_logit_lens(["--model.path", str(env / "model"), "--lens.prompt", "Hi", "--lens.max_tokens", "0",
+                         "--lens.output", str(tmp_path / "x.png")])
+    with pytest.raises(UsageError, match=r"^--model\.adapter \S+/empty: not a PEFT adapter directory"):
+        main_rep_shift(["--model.path", str(env / "model"), "--model.adapter", str(env / "empty"), "--shift.safe",
+                        str(env / "safe.txt"), "--shift.unsafe", str(env / "safe.txt"),
+                        "--shift.output", str(tmp_path / "r")])
     with pytest.raises(DataFileNotFound, match=r"unsafe\.txt: prompt file not found$"):
-        main_rep_shift(["--model.path", str(env / "model"), "--adapter", str(env / "adapter"), "--safe",
-                        str(env / "safe.txt"), "--unsafe", str(tmp_path / "unsafe.txt"),
-                        "--output", str(tmp_path / "r")])
+        main_rep_shift(["--model.path", str(env / "model"), "--model.adapter", str(env / "adapter"), "--shift.safe",
+                        str(env / "safe.txt"), "--shift.unsafe", str(tmp_path / "unsafe.txt"),
+                        "--shift.output", str(tmp_path / "r")])
 
 
 def test_argparse_errors_stay_exit_2(capsys):
@@ -172,17 +208,17 @@ def test_argparse_errors_stay_exit_2(capsys):
 
 def test_compare_missing_run(tmp_path):
     with pytest.raises(DataFileNotFound, match=r"a/summary\.json: run summary not found"):
-        main_eval(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+        main_eval(["--eval.compare", str(tmp_path / "a"), str(tmp_path / "b")])
 
 
 def test_repbend_prints_one_line_and_exits_2(env, tmp_path, no_model, capsys):
     from repbend.cli import main
 
     missing = tmp_path / "cls"
-    rc = main(["eval", *_eval_args(env, tmp_path / "run", "--judges", f"harmbench={missing}")])
+    rc = main(["eval", *_eval_args(env, tmp_path / "run", "--eval.judges", f"harmbench={missing}")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1] == f"repbend: error: --judges harmbench={missing}: no such directory"
-    rc = main(["logit-lens", "--model.path", str(env / "model"), "--prompt", "Hi", "--model.dtype", "fp8",
-               "--output", str(tmp_path / "x.png")])
+    assert rc == 2 and err[-1] == f"repbend: error: --eval.judges harmbench={missing}: no such directory"
+    rc = main(["logit-lens", "--model.path", str(env / "model"), "--lens.prompt", "Hi", "--model.dtype", "fp8",
+               "--lens.output", str(tmp_path / "x.png")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("repbend: error: --model.dtype 'fp8': expected one of auto")

@@ -103,3 +103,27 @@ def test_input_embedding_attack_lowers_target_loss(tiny):
     assert steps == 6 and all(b < s for b, s in zip(best, start))
     assert soft[0].shape == (4, model.config.hidden_size) and soft[0].dtype == torch.float32
     assert not any(p.grad is not None for p in model.parameters())  # the model stayed frozen
+
+
+def test_generation_is_the_models_generate_and_plain_greedy(tiny, monkeypatch):
+    """Generation goes through `model.generate`, and a checkpoint's sampling settings (generation_config) are set
+    aside: the output is the argmax continuation, computed here one token at a time without a cache."""
+    import copy
+
+    model, tok = tiny
+    reqs = _requests(tok)
+    config = copy.deepcopy(model.generation_config)
+    config.do_sample, config.temperature, config.top_k, config.repetition_penalty = True, 5.0, 2, 3.0
+    monkeypatch.setattr(model, "generation_config", config)
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    out = greedy_generate(model, reqs, max_new_tokens=5, stop_ids=[], pad_id=tok.pad_token_id)
+    assert len(calls) == 1 and model.generation_config is config and config.temperature == 5.0  # restored
+    with torch.no_grad():
+        for req, got in zip(reqs, out):
+            ids, want = list(req.ids), []
+            for _ in range(5):
+                want.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+                ids.append(want[-1])
+            assert got == want

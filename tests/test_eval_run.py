@@ -59,12 +59,12 @@ def count_generation(monkeypatch):
 def test_every_attack_and_judge(env, count_generation):
     run = env / "full"
     rc = main_eval([
-        "--model.path", str(env / "model"), "--adapter", str(env / "adapter"),
-        "--harmbench", str(env / "hb.json"), "--xstest", str(env / "xs.csv"),
-        "--attacks", "direct,prefill,input_embed,transfer", "--transfer", str(env / "transfer.jsonl"),
-        "--judges", f"keywords,harmbench={env / 'cls'},wildguard={env / 'cls'}",
+        "--model.path", str(env / "model"), "--model.adapter", str(env / "adapter"),
+        "--eval.harmbench", str(env / "hb.json"), "--eval.xstest", str(env / "xs.csv"),
+        "--eval.attacks", "direct,prefill,input_embed,transfer", "--eval.transfer", str(env / "transfer.jsonl"),
+        "--eval.judges", f"keywords,harmbench={env / 'cls'},wildguard={env / 'cls'}",
         "--gen.max_new_tokens", "4", "--gen.batch_size", "4", "--input_embed.steps", "2",
-        "--input_embed.tokens", "4", "--output", str(run)])
+        "--input_embed.tokens", "4", "--eval.output", str(run)])
     assert rc == 0
     rows = {(r["benchmark"], r["id"], r["attack"]): r for r in _rows(run)}
     assert set(rows) == {
@@ -105,8 +105,8 @@ def test_every_attack_and_judge(env, count_generation):
 
 def test_resume_skips_finished_rows(env, count_generation):
     run = env / "resume"
-    args = ["--model.path", str(env / "model"), "--harmbench", str(env / "hb.json"), "--xstest",
-            str(env / "xs.csv"), "--gen.max_new_tokens", "4", "--output", str(run)]
+    args = ["--model.path", str(env / "model"), "--eval.harmbench", str(env / "hb.json"), "--eval.xstest",
+            str(env / "xs.csv"), "--gen.max_new_tokens", "4", "--eval.output", str(run)]
     assert main_eval(args) == 0
     assert len(count_generation) == 4
     lines = (run / "generations.jsonl").read_text().splitlines()
@@ -128,21 +128,31 @@ def test_resume_skips_finished_rows(env, count_generation):
 def test_compare_runs(tmp_path, capsys):
     from repbend.eval.summary import summarize, write_summary
 
-    def run(name, labels):
+    def run(name, labels, judge="keywords", classifier=None):
         rows = [{"benchmark": "harmbench", "id": str(i), "attack": "direct", "subset": "standard",
-                 "verdicts": {"keywords": label}} for i, label in enumerate(labels)]
+                 "verdicts": {judge: label}} for i, label in enumerate(labels)]
         (tmp_path / name).mkdir()
-        write_summary(tmp_path / name, summarize(rows))
+        meta = {"judge_models": {judge: {"path": classifier, "digest": classifier}}} if classifier else {}
+        write_summary(tmp_path / name, summarize(rows), meta)
         return str(tmp_path / name)
 
     base, tuned = run("base", ["compliance", "compliance"]), run("tuned", ["compliance", "refusal"])
-    assert main_eval(["--compare", base, tuned, "--output", str(tmp_path / "cmp")]) == 0
+    assert main_eval(["--eval.compare", base, tuned, "--eval.output", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| base | tuned | delta |" in table.splitlines()[0]
-    assert "| harmbench | all | direct | keywords | asr | 100.0% | 50.0% | -50.0 | 0/0 |" in table
+    assert "| base | tuned | delta | judge (what it counts) |" in table.splitlines()[0]
+    # the judge sits next to the figures it produced
+    assert ("| harmbench | all | direct | asr | 100.0% | 50.0% | -50.0 | keywords (no refusal phrase; a refusal "
+            "rate, not harm) | 0/0 |") in table
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
-    assert rows[0]["a"] == 1.0 and rows[0]["b"] == 0.5 and rows[0]["delta"] == -0.5
+    assert rows[0]["a"] == 1.0 and rows[0]["b"] == 0.5 and rows[0]["delta"] == -0.5 and rows[0]["judge"] == "keywords"
     assert table in capsys.readouterr().out
+    # figures of the same judge name from two different classifiers are marked as such
+    a = run("a", ["harmful", "unharmful"], "harmbench", "/cls/one")
+    b = run("b", ["unharmful", "unharmful"], "harmbench", "/cls/two")
+    assert main_eval(["--eval.compare", a, b]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| harmbench |"))
+    assert "| 50.0% | 0.0% | -50.0 | harmbench (HarmBench classifier: harmful instance; NOT the same classifier: " \
+           "A /cls/one, B /cls/two) |" in line
 
 
 def test_malformed_benchmark_cli_error(env, tmp_path, capsys):
@@ -151,6 +161,7 @@ def test_malformed_benchmark_cli_error(env, tmp_path, capsys):
     bad = tmp_path / "hb.csv"
     bad.write_text("Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID\n"
                    "Do a thing,standard,illegal,,,a\n,standard,illegal,,,b\n")
-    rc = main(["eval", "--model.path", str(env / "model"), "--harmbench", str(bad), "--output", str(tmp_path / "o")])
+    rc = main(["eval", "--model.path", str(env / "model"), "--eval.harmbench", str(bad), "--eval.output",
+               str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and f"{bad}:3: row 2: field 'Behavior'" in err

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def setup(tmp_path_factory):
     paths = write_demo_data(tmp_path_factory.mktemp("data"), seed=0, n_train=48, n_heldout=8)
     tok = build_tokenizer(corpus())
-    pools = build_pools(tok, paths["wildguardmix"], paths["wildjailbreak"], paths["ultrachat"], request_only=False,
+    pools = build_pools(tok, paths["wildguardmix"], paths["wildjailbreak"], paths["ultrachat"],
                         limits=Limits(max_response_tokens=40, max_retain_tokens=80), seed=0)
     return tok, pools
 
@@ -319,7 +319,7 @@ def _ddp_worker(out: str, grad_accum: int) -> None:
     torch.set_num_threads(1)
     paths = write_demo_data(Path(out) / f"data{rank}", seed=0, n_train=48, n_heldout=8)  # a folder per rank
     tok = build_tokenizer(corpus())
-    pools = build_pools(tok, paths["wildguardmix"], paths["wildjailbreak"], paths["ultrachat"], request_only=False,
+    pools = build_pools(tok, paths["wildguardmix"], paths["wildjailbreak"], paths["ultrachat"],
                         limits=Limits(max_response_tokens=40, max_retain_tokens=80), seed=0)
     rows = micro_batch_dataset(pools, batch_size=2, num_rows=2 * grad_accum * world, seed=3)
     # U = 1..2 with alpha_mode target and no KL term: the adapters of layer 2 get no gradient at all
@@ -379,3 +379,26 @@ def test_ddp_on_two_processes_equals_one_process_with_twice_the_accumulation(tmp
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _ddp_worker(sys.argv[2], int(sys.argv[3]))
+
+
+def test_the_example_uses_public_names_only_and_rows_needed():
+    """examples/hf_trainer.py imports only names a repbend package exports (its __all__), and a run of
+    TrainingArguments reads rows_needed(args) rows."""
+    import ast
+    import importlib
+
+    from transformers import TrainingArguments
+
+    from repbend.integrations.hf import rows_needed
+
+    tree = ast.parse((ROOT / "examples" / "hf_trainer.py").read_text())
+    imported = [(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and (n.module or "").startswith("repbend") for a in n.names]
+    assert imported
+    for module, name in imported:
+        assert name in getattr(importlib.import_module(module), "__all__", ()), f"{module}.{name} is not public"
+    args = TrainingArguments(output_dir="unused", max_steps=5, gradient_accumulation_steps=3,
+                             per_device_train_batch_size=2, use_cpu=True, report_to="none")
+    assert rows_needed(args) == 5 * 3 * 2 * args.world_size
+    with pytest.raises(ValueError, match="set TrainingArguments.max_steps"):
+        rows_needed(TrainingArguments(output_dir="unused", use_cpu=True, report_to="none"))

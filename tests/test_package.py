@@ -98,3 +98,30 @@ def test_wheel_holds_both_packages(tmp_path):
     assert "repbend/trainer.py" in names and "repbend/configs/llama3_8b_instruct.yaml" in names
     assert "repbend/demo/templates/llama3.jinja" in names
     assert not any(n.startswith("kernels/") for n in names)
+
+
+def test_recipes_by_name_from_an_installed_wheel(tmp_path):
+    """`pip install .`: the recipes ship inside the package and resolve by name from any directory."""
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "w"), str(ROOT)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    wheel, = (tmp_path / "w").glob("repbend-*.whl")
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
+                        str(wheel)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "repbend", *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=tmp_path, env=env, timeout=120)
+    where = subprocess.run([sys.executable, "-c", "import repbend; print(repbend.__file__)"], capture_output=True,
+                           text=True, cwd=tmp_path, env=env).stdout
+    assert str(tmp_path / "site") in where, where  # the installed copy, not the source tree
+    listing = run("recipes")
+    assert listing.returncode == 0 and "llama3_8b_instruct" in listing.stdout and "llama3_8b_rmu" in listing.stdout
+    for name in ("llama3_8b_instruct", "llama3_8b_instruct.yaml", "repbend/configs/llama3_8b_instruct.yaml"):
+        shown = run("train", "--config", name, "--print_config")
+        assert shown.returncode == 0 and "lr: 1.0e-05" in shown.stdout and "max_steps: 450" in shown.stdout, \
+            shown.stdout + shown.stderr
+    copied = run("recipes", "cp", "llama3_8b_rmu", str(tmp_path / "mine.yaml"))
+    assert copied.returncode == 0 and "method: rmu" in (tmp_path / "mine.yaml").read_text()
+    missing = run("train", "--config", "llama3_8b_nope", "--print_config")
+    assert missing.returncode == 2 and "no such file or recipe: llama3_8b_nope" in missing.stderr

@@ -150,11 +150,12 @@ def test_the_final_adapter_is_replaced_atomically(assets, tmp_path, monkeypatch)
 def test_a_weighted_term_without_rows_is_an_error_at_start(assets, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(TrainingError, match=r"loss.epsilon = 0.3 weights L_KL.*data.ultrachat .*empty.jsonl gave 0"):
+    # a file named that gives nothing is an error itself (naming what it held), before any term's check
+    with pytest.raises(TrainingError, match=r"data.ultrachat .*empty.jsonl gave no usable retain rows \(0 read\)"):
         train(_cfg(assets, tmp_path / "a", "--data.ultrachat", str(empty)))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"messages": []}\n{"nope": 1}\n')
-    with pytest.raises(TrainingError, match=r"L_KL.*broken.jsonl gave 0 usable rows \(2 read, 2 skipped"):
+    with pytest.raises(TrainingError, match=r"broken.jsonl gave no usable retain rows \(2 read, 2 skipped as invalid"):
         train(_cfg(assets, tmp_path / "b", "--data.ultrachat", str(broken), "--data.skip_invalid", "true"))
     args = _args(assets, tmp_path / "c", "--loss.eta", "0.5")
     i = args.index("--data.wildjailbreak")
@@ -247,7 +248,7 @@ def test_user_errors_are_one_line_with_exit_code_2(assets, tmp_path):
         (["train", "--lora.r", "-3"], "lora.r must be >= 1"),
         (["train", "--lora.dropout", "2"], "lora.dropout must be in [0, 1)"),
         (["train", *_args(assets, tmp_path / "x")[:1], str(tmp_path / "missing"), *_args(assets, tmp_path / "x")[2:]],
-         "model.path: " + str(tmp_path / "missing") + " is not a directory"),
+         "model.path: no such directory: " + str(tmp_path / "missing")),
         (["train", "--model.path", str(no_template), *_args(assets, tmp_path / "y")[2:]], "has no chat template"),
     ]
     for args, message in cases:
@@ -264,11 +265,15 @@ def test_train_help_lists_every_key_with_type_default_and_text():
     from repbend.cli import train_help
     from repbend.config_fields import field_docs
     text = train_help()
-    for name, cls in RepBendConfig.groups().items():
+    from repbend.methods import METHODS, method_class
+    groups = [(name, cls) for name, cls in RepBendConfig.groups().items() if name != "loss"]
+    groups += [("loss", method_class(m).Settings) for m in METHODS]  # each method's own keys
+    for name, cls in groups:
         docs = field_docs(cls)
         for f in __import__("dataclasses").fields(cls):
             assert f"--{name}.{f.name} " in text, f.name
             assert docs.get(f.name), f"{name}.{f.name} has no documentation"
+    assert "--loss.method {repbend,circuit_breakers,rmu,npo,dpo}" in text
     assert "{request_last,request_all,request_response,response_all,response_one,response_R}" in text
     assert "--lora.r int  (default: 16)" in text and "--train.seed int  (default: 42)" in text
     p = _cli("train", "--train.lr", "3e-4", "--print_config")
@@ -284,7 +289,7 @@ def test_data_without_unsafe_rows_is_one_clear_error(assets, tmp_path):
     i = args.index("--data.wildjailbreak")
     with pytest.raises(TrainingError) as e:
         train(RepBendConfig.load(None, args[:i] + args[i + 2:]))
-    assert "cannot fill one micro-batch" in str(e.value) and "wgm_unsafe has 0 rows" in str(e.value)
+    assert "cannot fill one micro-batch" in str(e.value) and "unsafe rows: 0" in str(e.value)
     assert "safe_only.jsonl" in str(e.value)
 
 
@@ -294,3 +299,31 @@ def test_resume_with_only_incomplete_checkpoints_says_so(assets, tmp_path):
     (out / "checkpoints" / "step-000001" / "manifest.json").unlink()
     with pytest.raises(TrainingError, match="holds no complete checkpoint"):
         train(_cfg(assets, out, "--train.resume", "true"))
+
+
+def test_tensorboard_by_default_only_when_installed_and_progress_lines_in_a_log_file(assets, tmp_path, monkeypatch,
+                                                                                    caplog):
+    import importlib.util
+
+    installed = importlib.util.find_spec("tensorboard") is not None
+    assert RepBendConfig.load(None, []).train.sinks == (["tensorboard"] if installed else [])
+    assert RepBendConfig.load(None, ["--train.tensorboard", "false"]).train.sinks == []
+    assert RepBendConfig.load(None, ["--train.tensorboard", "true"]).train.sinks == ["tensorboard"]
+    # output that is not a terminal (a log file): plain lines, no bar redraws
+    with caplog.at_level(logging.INFO, logger="repbend"):
+        train(_cfg(assets, tmp_path / "run", "--train.progress", "true", "--train.max_steps", "3"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("repbend: ")]
+    assert lines and lines[-1].startswith("repbend: 3/3 steps") and "loss=" in lines[-1]
+    assert "\r" not in caplog.text and "tensorboard package is not installed" not in caplog.text
+
+
+def test_schedules_are_transformers_own_with_a_warmup_ratio():
+    from repbend.trainer import lr_factor
+
+    cfg = RepBendConfig.load(None, ["--train.max_steps", "20", "--train.warmup_ratio", "0.15", "--train.schedule",
+                                    "cosine_with_restarts"]).train
+    assert cfg.warmup == 3
+    f = lr_factor(cfg.schedule, cfg.warmup, cfg.max_steps)
+    assert [round(f(s), 3) for s in (0, 1, 3)] == [0.0, 0.333, 1.0] and f(20) == 0.0
+    with pytest.raises(ConfigError, match="train.warmup_ratio must be 0 when train.warmup_steps is set"):
+        RepBendConfig.load(None, ["--train.warmup_steps", "2", "--train.warmup_ratio", "0.1"])

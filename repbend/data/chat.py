@@ -19,6 +19,10 @@ markup (`<|eot_id|>`; `</s>`; `<|im_end|>` and a newline; ...).
 
 The two parts are always tokenized separately, so request_len is exact.
 
+`whole_limit` (Circuit Breakers' and RMU's retain side, as their reference tokenizes those rows): the row is cut as
+one sequence to its first `whole_limit` tokens instead of cutting request and response apart (counted as
+"retain").
+
 Truncation (counted in `counts` by part, and so reported by `build_pools`):
     request  keeps its END (the end of the user turn and the generation prompt: the last request token, where
              L_cos and the request_last mask read, is never cut away), plus its leading BOS token when the
@@ -109,7 +113,7 @@ def _markup_tails(tokenizer, users: list[list[dict]], requests: list[str], respo
 
 def render_requests_responses(tokenizer, prompts: Seq[str], responses: Seq[str | None], limits: Limits | None,
                               origins: Seq[str], *, counts: Counter | None = None,
-                              response_markup: bool = False) -> list[Sequence]:
+                              response_markup: bool = False, whole_limit: int | None = None) -> list[Sequence]:
     """Batched `render_request_response` (one tokenizer call per part for the whole list)."""
     _check_template(tokenizer)
     limits = limits or Limits()
@@ -132,6 +136,12 @@ def render_requests_responses(tokenizer, prompts: Seq[str], responses: Seq[str |
         resp: list[int] = [] if response is None else next(response_ids)
         if response is not None and not resp:
             raise DataError(origin, "the response renders to no tokens", field="response", reason="empty response")
+        if whole_limit is not None:
+            if len(req) + len(resp) > whole_limit:
+                counts["retain"] += 1
+            ids = (req + resp)[:whole_limit]
+            out.append(Sequence(tuple(ids), min(len(req), whole_limit), origin))
+            continue
         cut = _cut_request(req, limits.max_request_tokens, bos_id)
         if len(cut) < len(req):
             counts["request"] += 1

@@ -1,5 +1,6 @@
-"""The data types between the readers and the trainer: tokenized `Sequence`s, the four `Pools` a micro-batch
-is drawn from, and the `DataReport` that says what was read, taken, left, skipped and truncated."""
+"""The data types between the readers and the trainer: tokenized `Sequence`s, the `Pools` of rows by role
+(`repbend.roles`) that a micro-batch is drawn from, and the `DataReport` that says what was read, taken, left,
+skipped and truncated."""
 from __future__ import annotations
 
 from collections import Counter
@@ -7,19 +8,21 @@ from dataclasses import dataclass, field
 
 from repbend.data.errors import SkipLog
 from repbend.loss.types import Sequence  # noqa: F401  (re-exported: the readers' output type)
+from repbend.roles import ROLES, DataSpec  # noqa: F401  (re-exported)
 
 
 @dataclass
 class SourceReport:
     """What one source gave. Invariant: rows_read == sum(qualified) + sum(left) + skipped.total.
 
-    qualified: rows the label rules selected, per set ("safe", "unsafe", "pairs", "retain").
+    qualified: rows the label rules selected, per role ("safe", "unsafe", "pair", "retain").
     taken: of those, rows kept after the `max_examples_per_pool` cap.
     left: rows the rules did not select (not errors), by reason.
     skipped: invalid rows dropped with `skip_invalid=True`, by reason.
     truncated: sequences cut to the limits, by part ("request", "response", "retain"); a pair whose
         shared request is cut counts once per rendered row (twice).
-    empty_request: Circuit Breakers and RMU: rows drawn with an empty instruction, per set.
+    empty_request: rows drawn with an empty instruction, per role (methods whose DataSpec asks for the draw).
+    normalised: label values that matched only once trimmed or case-folded, per field (e.g. 'Harmful ').
     """
 
     name: str
@@ -31,6 +34,7 @@ class SourceReport:
     skipped: SkipLog = field(default_factory=SkipLog)
     truncated: Counter = field(default_factory=Counter)
     empty_request: Counter = field(default_factory=Counter)
+    normalised: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict:
         out = {
@@ -40,44 +44,44 @@ class SourceReport:
         }
         if self.empty_request:
             out["empty_request"] = dict(self.empty_request)
+        if self.normalised:
+            out["normalised"] = dict(self.normalised)
         return out
 
 
 @dataclass
 class DataReport:
-    """Per-source reports plus the settings they were built with (`method`: whose data; `empty_request_p`:
-    Circuit Breakers and RMU only)."""
+    """Per-source reports plus the settings they were built with (`spec`: how the rows were rendered)."""
 
-    request_only: bool
+    spec: DataSpec
     limits: dict
     max_examples_per_pool: int | None
     seed: int
     sources: dict[str, SourceReport] = field(default_factory=dict)
-    method: str = "repbend"
-    empty_request_p: float | None = None
+
+    @property
+    def request_only(self) -> bool:
+        return self.spec.request_only
 
     def to_dict(self) -> dict:
-        out = {
-            "request_only": self.request_only, "limits": dict(self.limits),
+        return {
+            "spec": self.spec.to_dict(), "limits": dict(self.limits),
             "max_examples_per_pool": self.max_examples_per_pool, "seed": self.seed,
             "sources": {name: rep.to_dict() for name, rep in self.sources.items()},
         }
-        if self.method != "repbend":
-            out.update(method=self.method, empty_request_p=self.empty_request_p)
-        return out
 
     def summary(self) -> str:
         """A plain-text table for the log: one line per (source, set), then the reasons rows were left
         or skipped."""
-        lim = self.limits
-        mode = "request-only" if self.request_only else "request+response"
+        lim, spec = self.limits, self.spec
         cap = "no cap" if self.max_examples_per_pool is None else f"at most {self.max_examples_per_pool} per pool"
-        if self.method != "repbend":
-            mode = (f"{self.method} rows (assistant turns with their end-of-turn markup, empty instruction with "
-                    f"p {self.empty_request_p}; WildGuardMix unsafe rows uncapped)")
+        if spec.uncapped:
+            cap += f" ({', '.join(spec.uncapped)} uncapped)"
+        mode = spec.description + (f", empty instruction with p {spec.empty_request_p}" if spec.empty_request_p
+                                   else "")
         lines = [f"data: {mode}; tokens request<={lim['max_request_tokens']} response<={lim['max_response_tokens']}"
                  f" retain<={lim['max_retain_tokens']}; {cap} (seed {self.seed})"]
-        head = f"  {'source':<14}{'rows':>8}  {'set':<8}{'qualified':>10}{'taken':>8}{'left':>8}{'skipped':>9}" \
+        head = f"  {'source':<14}{'rows':>8}  {'role':<8}{'qualified':>10}{'taken':>8}{'left':>8}{'skipped':>9}" \
                f"  truncated req/resp/retain"
         lines.append(head)
         for name, rep in self.sources.items():
@@ -96,6 +100,8 @@ class DataReport:
             if rep.empty_request:
                 drawn = ", ".join(f"{n} {s}" for s, n in sorted(rep.empty_request.items()))
                 lines.append(f"  {name}: empty instruction: {drawn}")
+            for label, n in rep.normalised.most_common():
+                lines.append(f"  {name}: {n} {label} value(s) matched once trimmed / case-folded")
             for reason, n in rep.skipped.counts.most_common():
                 lines.append(f"  {name}: skipped {n}: {reason}")
             for example in rep.skipped.examples:
@@ -105,23 +111,27 @@ class DataReport:
 
 @dataclass
 class Pools:
-    """Everything a run trains on, tokenized.
+    """Everything a run trains on, tokenized, by role (module docstring).
 
-    wgm_safe / wgm_unsafe: WildGuardMix rows by the label rules (docs/method.md); request-only modes: the
-        unharmful / harmful requests.
-    wj_pairs: WildJailbreak (request + refusal, same request + harmful answer); the request ids of the two
-        are identical. Request-only modes: (request, request), the same Sequence twice.
-    retain: UltraChat conversations (request_len = 0).
-    request_only: whether the rows were rendered without responses.
-    method: whose data the pools hold: repbend (above), or circuit_breakers / rmu, whose rows carry the template's
-        end-of-turn markup and may have an empty instruction (then an UltraChat row is one request + its first
-        reply, and a pair's two requests differ); `repbend.data.pools` states their contents.
+    safe / unsafe / retain: Sequences (retain: request_len = 0, unless a method's DataSpec drew an empty
+        instruction for it: then the empty request and its first reply).
+    pair: (request + refusal, request + harmful answer); the request ids of the two are identical unless the
+        refusal side was drawn with an empty instruction. request_only: (request, request), the same Sequence.
+    spec: how the rows were rendered (the method's `data_spec()`); a sampler checks it matches its method.
     """
 
-    wgm_safe: list[Sequence]
-    wgm_unsafe: list[Sequence]
-    wj_pairs: list[tuple[Sequence, Sequence]]
+    safe: list[Sequence]
+    unsafe: list[Sequence]
+    pair: list[tuple[Sequence, Sequence]]
     retain: list[Sequence]
     report: DataReport
-    request_only: bool = False
-    method: str = "repbend"
+    spec: DataSpec = field(default_factory=DataSpec)
+
+    @property
+    def request_only(self) -> bool:
+        return self.spec.request_only
+
+    def role(self, name: str) -> list:
+        if name not in ROLES:
+            raise KeyError(f"no role {name!r}; roles are {', '.join(ROLES)}")
+        return getattr(self, name)

@@ -268,6 +268,26 @@ def get_field(row: dict, origin: str, name: str):
     return row[name]
 
 
+def get_label(row: dict, origin: str, name: str, allowed: tuple[str, ...] | None = None,
+              normalised=None) -> str | None:
+    """A label field, matched one way for every label of every format: surrounding whitespace trimmed and case
+    folded. None stays None; a non-string, or (when `allowed` is given) a value outside it, is a DataError naming the
+    field. Each value the matching changed is counted in `normalised[name]` (a Counter, the data report's)."""
+    value = get_field(row, origin, name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError(origin, f"expected a label string, got {value!r}", field=name,
+                        reason=f"non-string label in '{name}'")
+    norm = value.strip().lower()
+    if allowed is not None and norm not in allowed:
+        raise DataError(origin, f"unknown label {value!r} (expected {'/'.join(allowed)})", field=name,
+                        reason=f"unknown label in '{name}'")
+    if norm != value and normalised is not None:
+        normalised[name] += 1
+    return norm
+
+
 def get_text(row: dict, origin: str, name: str, *, nullable: bool = False) -> str | None:
     """A non-empty (not only whitespace) string field; None passes only when `nullable`."""
     value = get_field(row, origin, name)

@@ -1,7 +1,8 @@
 """WildGuardMix rows -> safe / unsafe / left.
 
 Fields: prompt, response, prompt_harm_label (harmful | unharmful), response_refusal_label (refusal |
-compliance), response_harm_label (harmful | unharmful). Labels are matched case-insensitively.
+compliance), response_harm_label (harmful | unharmful). Labels are matched with surrounding whitespace trimmed and
+case folded (`sources.get_label`, the rule of every label field), each such normalisation counted in the report.
 
 Response modes (docs/method.md):
     safe   = (prompt unharmful AND compliance AND response unharmful)
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from repbend.data.errors import DataError
-from repbend.data.sources import get_field, get_text, validated
+from repbend.data.sources import get_field, get_label, get_text, validated
 
 HUB_CONFIG, HUB_SPLIT = "wildguardtrain", "train"
 
@@ -36,20 +37,12 @@ class WGMRow:
     label: str  # "safe" | "unsafe"
 
 
-def _label(row: dict, origin: str, name: str, allowed: tuple[str, ...]) -> str | None:
-    value = get_field(row, origin, name)
-    if value is None:
-        return None
-    norm = value.strip().lower() if isinstance(value, str) else None
-    if norm not in allowed:
-        raise DataError(origin, f"unknown label {value!r} (expected {'/'.join(allowed)})", field=name,
-                        reason=f"unknown label in '{name}'")
-    return norm
-
-
-def classify(origin: str, row: dict, *, request_only: bool) -> tuple[str, WGMRow | str]:
+def classify(origin: str, row: dict, *, request_only: bool = False, normalised=None) -> tuple[str, WGMRow | str]:
     """-> ("safe" | "unsafe", WGMRow) for a selected row, ("left", reason) for one the rules leave out.
-    Raises DataError for invalid input (module docstring)."""
+    Raises DataError for invalid input (module docstring). `normalised`: a Counter of label normalisations."""
+    def _label(row, origin, name, allowed):
+        return get_label(row, origin, name, allowed, normalised)
+
     prompt = get_text(row, origin, "prompt")
     prompt_label = _label(row, origin, "prompt_harm_label", PROMPT_LABELS)
     if request_only:
@@ -76,12 +69,13 @@ def classify(origin: str, row: dict, *, request_only: bool) -> tuple[str, WGMRow
     return label, WGMRow(origin, prompt, response, label)
 
 
-def read_wildguardmix(source, report, *, request_only: bool, skip_invalid: bool = False
+def read_wildguardmix(source, report, *, request_only: bool = False, skip_invalid: bool = False
                       ) -> tuple[list[WGMRow], list[WGMRow]]:
     """All selected rows of `source` as (safe, unsafe), in file order; counts go to `report`
     (a SourceReport: rows_read, qualified["safe"/"unsafe"], left by reason, skipped by reason)."""
     safe, unsafe = [], []
-    parse = lambda origin, row: classify(origin, row, request_only=request_only)  # noqa: E731
+    parse = lambda origin, row: classify(origin, row, request_only=request_only,  # noqa: E731
+                                         normalised=report.normalised)
     for label, item in validated(source, parse, report, skip_invalid=skip_invalid,
                                  hub_config=HUB_CONFIG, hub_split=HUB_SPLIT):
         if label == "left":

@@ -1,7 +1,8 @@
 """WildJailbreak pairs file -> (request, refusal, harmful answer) triples.
 
 One JSON object a line: prompt, prompt_type, harmless_answer, harmful_answer. Only rows with
-prompt_type == "harmful" are used (others are counted as left, by prompt_type); `harmless_answer` is the
+prompt_type "harmful" are used (matched as every label is: whitespace trimmed, case folded, `sources.get_label`;
+others are counted as left, by prompt_type); `harmless_answer` is the
 refusal (safe side), `harmful_answer` the compliance (unsafe side) for the same request.
 In request-only modes the answers are not read.
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from repbend.data.sources import get_field, get_text, validated
+from repbend.data.sources import get_label, get_text, validated
 
 HUB_CONFIG, HUB_SPLIT = None, "train"
 
@@ -25,27 +26,28 @@ class WJPair:
     harmful: str | None
 
 
-def parse_pair(origin: str, row: dict, *, request_only: bool) -> tuple[str, WJPair | str]:
-    """-> ("pairs", WJPair) for a harmful row, ("left", reason) otherwise. Raises DataError."""
-    prompt_type = get_field(row, origin, "prompt_type")
+def parse_pair(origin: str, row: dict, *, request_only: bool = False, normalised=None) -> tuple[str, WJPair | str]:
+    """-> ("pair", WJPair) for a harmful row, ("left", reason) otherwise. Raises DataError."""
+    prompt_type = get_label(row, origin, "prompt_type", normalised=normalised)
     if prompt_type != "harmful":
         return "left", f"prompt_type {prompt_type!r}"
     prompt = get_text(row, origin, "prompt")
     if request_only:
-        return "pairs", WJPair(origin, prompt, None, None)
-    return "pairs", WJPair(origin, prompt, get_text(row, origin, "harmless_answer"),
+        return "pair", WJPair(origin, prompt, None, None)
+    return "pair", WJPair(origin, prompt, get_text(row, origin, "harmless_answer"),
                            get_text(row, origin, "harmful_answer"))
 
 
-def read_wildjailbreak(source, report, *, request_only: bool, skip_invalid: bool = False) -> list[WJPair]:
-    """All harmful rows of `source`, in file order; counts go to `report` (qualified["pairs"], left, skipped)."""
+def read_wildjailbreak(source, report, *, request_only: bool = False, skip_invalid: bool = False) -> list[WJPair]:
+    """All harmful rows of `source`, in file order; counts go to `report` (qualified["pair"], left, skipped)."""
     pairs = []
-    parse = lambda origin, row: parse_pair(origin, row, request_only=request_only)  # noqa: E731
+    parse = lambda origin, row: parse_pair(origin, row, request_only=request_only,  # noqa: E731
+                                           normalised=report.normalised)
     for label, item in validated(source, parse, report, skip_invalid=skip_invalid,
                                  hub_config=HUB_CONFIG, hub_split=HUB_SPLIT):
         if label == "left":
             report.left[item] += 1
         else:
-            report.qualified["pairs"] += 1
+            report.qualified["pair"] += 1
             pairs.append(item)
     return pairs

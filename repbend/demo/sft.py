@@ -50,7 +50,7 @@ def _collate(encoded, pad_id: int):
 
 
 def supervised_pass(model, tokenizer, chats, steps: int = 300, lr: float = 3e-3, batch_size: int = 16,
-                    seed: int = 0, log_every: int = 50, progress: bool = True, warmup: int = 20,
+                    seed: int = 0, progress: bool = True, warmup: int = 20,
                     min_lr_ratio: float = 0.1, clip: float = 1.0) -> list[float]:
     """Fine-tune all parameters of `model` on the assistant tokens of `chats` (each `{"messages": [...]}` or a
     bare message list) and return the loss of every step.
@@ -59,7 +59,7 @@ def supervised_pass(model, tokenizer, chats, steps: int = 300, lr: float = 3e-3,
     decay), linear warmup over `min(warmup, steps // 10)` steps then cosine decay to `min_lr_ratio * lr`,
     gradient norm clipped to `clip`. Batches: the chats in a seeded random order, reshuffled every epoch.
     Deterministic on the CPU for a given seed (and thread count). The model is left in eval mode."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     encoded = [encode_chat(tokenizer, c["messages"] if isinstance(c, dict) else c) for c in chats]
     if not encoded:
@@ -81,8 +81,8 @@ def supervised_pass(model, tokenizer, chats, steps: int = 300, lr: float = 3e-3,
     order: list[int] = []
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(steps), desc="supervised pass", disable=not progress, leave=False)
-    for step in bar:
+    bar = progress_bar(steps, "supervised pass", unit="step", enabled=progress)
+    for step in range(steps):
         if len(order) < batch_size:
             order += torch.randperm(len(encoded), generator=gen).tolist()
         batch, order = order[:batch_size], order[batch_size:]
@@ -97,10 +97,10 @@ def supervised_pass(model, tokenizer, chats, steps: int = 300, lr: float = 3e-3,
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         losses.append(loss.item())
-        if progress:
+        if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-                bar.write(f"supervised pass step {step + 1}/{steps}: loss {losses[-1]:.4f}")
-    bar.close()
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     model.eval()
     return losses

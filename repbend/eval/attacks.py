@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .benchmarks import Item
-from .generation import GenRequest, encode, keep_kwargs, left_pad, pad_id_of, render_chat
+from .generation import GenRequest, encode, left_pad, pad_id_of, render_chat
 
 ATTACKS = ("direct", "prefill", "input_embed", "transfer")
 NEEDS_TARGET = ("prefill", "input_embed")
@@ -32,7 +32,9 @@ _SOFT_MARK = "\u2063REPBEND_SOFT_PROMPT\u2063"
 
 @dataclass
 class Job:
-    """One generation to run: `key` = (benchmark, id, attack) identifies it in generations.jsonl."""
+    """One generation to run: `key` = (benchmark, id, attack) names it; `row_key` adds `source`, the digest of
+    everything that determines its generation (set by `repbend.eval.run`), and identifies its row in
+    generations.jsonl."""
     item: Item
     attack: str
     id: str
@@ -40,10 +42,15 @@ class Job:
     prompt: str
     prefill: str = ""
     info: dict = field(default_factory=dict)
+    source: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.item.benchmark, self.id, self.attack)
+
+    @property
+    def row_key(self) -> tuple[str, str, str, str | None]:
+        return (*self.key, self.source)
 
 
 def build_jobs(items: list[Item], attacks: list[str], transfer: dict[str, list[dict]] | None = None):
@@ -132,7 +139,7 @@ def optimize_soft_prompts(model, tokenizer, requests: list[GenRequest], targets:
                          for i, (r, t) in enumerate(zip(requests, tgt_ids))]
                 inputs, mask, pos = left_pad(batch, model, pad_id)
                 out = model(**inputs, attention_mask=mask, position_ids=pos, use_cache=False,
-                            **keep_kwargs(model, T + 1))
+                            logits_to_keep=T + 1)
                 logits = out.logits[:, :-1].float()  # (B, T, V): position j predicts label j
                 ce = F.cross_entropy(logits.reshape(B * T, -1), labels.reshape(-1), reduction="none").view(B, T)
                 per_row = ce.sum(1) / (labels != -100).sum(1)  # (B,)

@@ -19,7 +19,9 @@ HarmBench CSV (`harmbench_behaviors_text_*.csv`): Behavior, FunctionalCategory, 
   paper's 240 test items are standard + contextual ones.
 XSTest CSV: id, type, prompt, ... Types starting with "contrast_" are the unsafe contrast prompts (subset
   "contrast"); all other types are safe prompts (subset "safe"). XSTest prompts are single-line: a record holding a
-  line break (e.g. an unterminated quote that swallowed the following rows) is an error.
+  line break (e.g. an unterminated quote that swallowed the following rows) is an error. An optional `answer`
+  column (not in XSTest itself; the demo writes one) gives a prompt's expected answer, which the `demo` judge checks.
+A benchmark file that yields no item (no data rows, or only HarmBench copyright behaviours) is an error naming it.
 CSV records must have exactly as many cells as the header has columns.
 Transfer file: ready-made attack prompts keyed by HarmBench BehaviorID, each prompt the complete user message:
   JSON  : {"<BehaviorID>": ["prompt", ...] or [{"prompt": str, "method": str?}, ...], ...}
@@ -70,6 +72,7 @@ class Item:
     target: str | None = None
     subset: str = "all"
     meta: dict = field(default_factory=dict)
+    answer: str | None = None  # an expected answer (XSTest's optional `answer` column), checked by the demo judge
 
 
 def harmbench_user_message(behavior: str, context: str | None) -> str:
@@ -136,7 +139,14 @@ def read_harmbench(path, targets=None) -> list[Item]:
     for item in items:
         if item.id in targets:
             item.target = str(targets[item.id])
-    return _unique(path, items, rows)
+    return _unique(path, _nonempty(path, items, "HarmBench behaviours"), rows)
+
+
+def _nonempty(path, items: list, what: str) -> list:
+    if not items:
+        raise BenchmarkFormatError(path, None, None, f"no {what} in the file (an empty file, or every row skipped): "
+                                   "nothing to evaluate")
+    return items
 
 
 def _read_harmbench_json(path: Path):
@@ -217,7 +227,7 @@ def _read_harmbench_csv(path: Path):
     items, rows = [], []
     for n, line, rec in _read_csv(path, "HarmBench file", ["Behavior", "BehaviorID"]):
         category = (rec.get("FunctionalCategory") or "standard").strip()
-        if category == "copyright":
+        if category == "copyright":  # HarmBench judges these by hashing, not with the classifier
             continue
         behavior = _str_field(path, n, rec, ["Behavior"], required=True, line=line)
         bid = _str_field(path, n, rec, ["BehaviorID"], required=True, line=line)
@@ -239,10 +249,11 @@ def read_xstest(path) -> list[Item]:
         kind = _str_field(path, n, rec, ["type"], required=True, line=line).strip()
         prompt = _str_field(path, n, rec, ["prompt"], required=True, line=line)
         subset = "contrast" if kind.startswith("contrast_") else "safe"
+        answer = _str_field(path, n, rec, ["answer"], line=line)
         items.append(Item("xstest", pid, prompt, [{"role": "user", "content": prompt}], prompt, None, None, subset,
-                          {"type": kind}))
+                          {"type": kind}, answer))
         rows.append((n, line))
-    return _unique(path, items, rows)
+    return _unique(path, _nonempty(path, items, "XSTest prompts"), rows)
 
 
 def read_transfer(path) -> dict[str, list[dict]]:

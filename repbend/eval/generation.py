@@ -1,8 +1,11 @@
-"""Batched greedy generation for evaluation: chat template, stop tokens, prefilled responses and soft prompts.
+"""Batched greedy generation for evaluation (and the demo's checks): chat template, stop tokens, prefilled
+responses and soft prompts, all through the model's own `generate`.
 
 A request is a list of token ids, optionally with a soft prompt (`[n, d]` vectors) inserted at `soft_at`; a batch
-with any soft prompt runs from input embeddings. Rows are left-padded (position ids count real tokens only), so
-the last column of every row is its last prompt token and the KV cache grows by one column a step.
+with any soft prompt runs from input embeddings. Rows are left-padded with an attention mask (`generate` counts
+position ids over real tokens only), so a row's greedy continuation does not depend on the rows batched with it
+beyond floating-point rounding. Decoding is greedy with nothing else switched on (`greedy_config`), whatever
+sampling settings the checkpoint's generation_config carries.
 
 Stop tokens: the tokenizer's eos, the model's `generation_config.eos_token_id` (an int or a list) and the chat
 template's end-of-turn token where distinct (the first of `END_OF_TURN_TOKENS` that the template text contains and
@@ -10,8 +13,6 @@ the vocabulary holds). A row stops at its first stop token, which is not part of
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -68,32 +69,6 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_params(cls) -> frozenset:
-    return frozenset(inspect.signature(cls.forward).parameters)
-
-
-def keep_kwargs(model, keep: int) -> dict:
-    """Project only the last `keep` positions to the vocabulary (`logits_to_keep`; older `num_logits_to_keep`)."""
-    params = _forward_params(type(_base(model)))
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            return {name: keep}
-    return {}
-
-
-def forward_kwargs(model, cache=None, keep: int | None = None) -> dict:
-    """Version-portable names: transformers 5 calls the KV cache `cache` (4.x `past_key_values`)."""
-    params = _forward_params(type(_base(model)))
-    kw = {"use_cache": True, ("cache" if "cache" in params else "past_key_values"): cache}
-    return {**kw, **(keep_kwargs(model, keep) if keep is not None else {})}
-
-
-def output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
 def left_pad(requests: list[GenRequest], model, pad_id: int):
     """(`input_ids` or `inputs_embeds`, attention_mask `[B, L]`, position_ids `[B, L]`) for a left-padded batch."""
     device = next(model.parameters()).device
@@ -118,32 +93,37 @@ def left_pad(requests: list[GenRequest], model, pad_id: int):
     return {"inputs_embeds": torch.stack(rows)}, mask, position_ids  # (B, L, d)
 
 
+def greedy_config(*, max_new_tokens: int, stop_ids: list[int], pad_id: int):
+    """The GenerationConfig of every evaluation generation: greedy, `max_new_tokens`, stopping at any of
+    `stop_ids`, and nothing else (no repetition penalty, no minimum length, no sampling)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                            eos_token_id=list(stop_ids) or None, pad_token_id=pad_id)
+
+
 @torch.no_grad()
 def greedy_generate(model, requests: list[GenRequest], *, max_new_tokens: int, stop_ids: list[int],
                     pad_id: int) -> list[list[int]]:
-    """Greedy continuation of each request, cut before its first stop token. Returns new token ids per row."""
-    inputs, mask, pos = left_pad(requests, model, pad_id)
-    B = mask.shape[0]
-    stop = torch.tensor(stop_ids or [-1], device=mask.device)
-    out = model(**inputs, attention_mask=mask, position_ids=pos, **forward_kwargs(model, None, keep=1))
-    logits, cache = out.logits[:, -1], output_cache(out)
-    finished = torch.zeros(B, dtype=torch.bool, device=mask.device)
-    new = []
-    for step in range(max_new_tokens):
-        nxt = torch.where(finished, torch.full_like(finished, pad_id, dtype=torch.long), logits.argmax(-1))  # (B,)
-        new.append(nxt)
-        finished |= torch.isin(nxt, stop)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    **forward_kwargs(model, cache, keep=1))
-        logits, cache = out.logits[:, -1], output_cache(out)
-    tokens = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(B)]  # (B, T)
+    """Greedy continuation of each request by `model.generate` (left-padded batch; a batch with a soft prompt runs
+    from `inputs_embeds`), cut before its first stop token. Returns the new token ids per row.
+
+    The model's own `generation_config` (a checkpoint's sampling temperature, top-p, repetition penalty, ...) is
+    set aside for the call: every evaluation is plain greedy decoding (`greedy_config`), as the reference
+    evaluation's is."""
+    inputs, mask, _ = left_pad(requests, model, pad_id)  # generate derives the same position ids from the mask
+    base = _base(model)
+    saved = base.generation_config
+    base.generation_config = greedy_config(max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
+    try:
+        out = model.generate(**inputs, attention_mask=mask, generation_config=base.generation_config)
+    finally:
+        base.generation_config = saved
+    # with input_ids the output repeats the prompt; from inputs_embeds it holds the new tokens only
+    new = out[:, mask.shape[1]:] if "input_ids" in inputs else out  # (B, <= max_new_tokens)
     stop_set = set(stop_ids)
     result = []
-    for row in tokens:
+    for row in new.tolist():
         cut = next((k for k, t in enumerate(row) if t in stop_set), len(row))
         result.append(row[:cut])
     return result

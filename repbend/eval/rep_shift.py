@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .generation import GenRequest, encode, keep_kwargs, left_pad, pad_id_of, render_chat
+from .generation import GenRequest, encode, left_pad, pad_id_of, render_chat
 
 
 def _hidden(model, inputs, mask, pos):
     out = model(**inputs, attention_mask=mask, position_ids=pos, output_hidden_states=True, use_cache=False,
-                **keep_kwargs(model, 1))
+                logits_to_keep=1)
     return out.hidden_states  # n_layers + 1 tensors (B, L, d)
 
 

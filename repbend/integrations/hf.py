@@ -6,15 +6,19 @@ checkpoints, accelerate/DDP setup), swap in the loss.
     from repbend.loss import LossConfig
 
     model = peft.get_peft_model(base, lora_config)            # or repbend.model.attach_lora(base, settings, layers)
-    rows = micro_batch_dataset(pools, batch_size=4, num_rows=max_steps * grad_accum * world_size)
     args = TrainingArguments(output_dir="out", per_device_train_batch_size=1, gradient_accumulation_steps=4,
                              max_steps=max_steps, learning_rate=1e-5, lr_scheduler_type="constant")
-    RepBendTrainer(model=model, args=args, train_dataset=rows, loss=LossConfig(target_layers="20-30")).train()
+    loss = LossConfig(target_layers="20-30")
+    pools = build_pools(tokenizer, wgm_file, wj_file, uc_file, spec=RepBendLoss(loss).data_spec())
+    rows = micro_batch_dataset(pools, batch_size=4, args=args, loss=loss)     # rows_needed(args) rows
+    RepBendTrainer(model=model, args=args, train_dataset=rows, loss=loss).train()
 
 `examples/hf_trainer.py` runs this on the bundled tiny model and synthetic data.
 
-Dataset rows. One row is one micro-batch of `repbend train` (a `MicroBatch`: B rows per set, composed by
-`repbend.data.sampler`), held as plain Python values so that it also fits an Arrow table
+Dataset rows. One dataset row is one whole micro-batch of `repbend train` (a `MicroBatch`: the method's composition
+of B rows per set, drawn by `repbend.data.sampler`), not one example: per_device_train_batch_size counts
+micro-batches (1 gives `repbend train`'s micro-batches; k merges k of them), and `rows_needed(args)` is how many
+rows a run reads. A row is held as plain Python values so that it also fits an Arrow table
 (`datasets.Dataset.from_list`):
 
     {"index":   int,        the sampler's micro-batch index (seeds LoRA dropout, see below); -1 = none
@@ -79,14 +83,15 @@ from collections.abc import Mapping
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..errors import ConfigError
 from ..loss import LossConfig, MicroBatch, RepBendLoss, Sequence
 from ..loss.batch import StepBatch
 from ..loss.layout import layout_kind
 from ..loss.terms import LossTerms
 from ..model import unwrap
 
-__all__ = ["RepBendTrainer", "RepBendCollator", "MicroBatchDataset", "micro_batch_dataset", "micro_batch_to_row",
-           "micro_batch_from_row", "merge_micro_batches"]
+__all__ = ["RepBendTrainer", "RepBendCollator", "MicroBatchDataset", "micro_batch_dataset", "rows_needed",
+           "micro_batch_to_row", "micro_batch_from_row", "merge_micro_batches"]
 
 SETS = ("safe", "unsafe", "retain")
 
@@ -183,16 +188,28 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         return micro_batch_to_row(self.sampler(index), index)
 
 
-def micro_batch_dataset(pools, batch_size: int, num_rows: int, *, seed: int = 42, group_by_length: bool = True,
-                        start: int = 0) -> MicroBatchDataset:
-    """Rows from `repbend.data.MicroBatchSampler(pools, batch_size, seed)`: row i = micro-batch start + i, B =
-    `batch_size` sequences per set (the composition the pools were built for: request-only, or another method's).
-    `num_rows` = max_steps * gradient_accumulation_steps * world_size * per_device_train_batch_size for one pass."""
+def rows_needed(args: TrainingArguments) -> int:
+    """The dataset rows one run of `args` reads: a row is one micro-batch, so max_steps * gradient_accumulation_steps
+    * world_size * per_device_train_batch_size (max_steps must be set: the rows are built on demand, any number)."""
+    if not args.max_steps or args.max_steps < 1:
+        raise ValueError("rows_needed: set TrainingArguments.max_steps (a row is one micro-batch; the dataset has as "
+                         "many rows as the run reads)")
+    return args.max_steps * args.gradient_accumulation_steps * args.world_size * args.per_device_train_batch_size
+
+
+def micro_batch_dataset(pools, batch_size: int, num_rows: int | None = None, *, args: TrainingArguments | None = None,
+                        seed: int = 42, group_by_length: bool = True, start: int = 0,
+                        loss: RepBendLoss | LossConfig | None = None) -> MicroBatchDataset:
+    """Rows from `repbend.data.MicroBatchSampler(pools, batch_size, seed, loss)`: row i = micro-batch start + i,
+    with the composition of `loss`'s method (default: RepBend; the pools must be built with its `data_spec()`).
+    `num_rows`: how many rows; None = `rows_needed(args)`, what one run of those TrainingArguments reads."""
     from ..data.sampler import MicroBatchSampler
 
-    method = getattr(pools, "method", "repbend")  # whose composition: the pools were built for one method
-    sampler = MicroBatchSampler(pools, batch_size, seed, request_only=pools.request_only,
-                                group_by_length=group_by_length, **({"method": method} if method != "repbend" else {}))
+    if num_rows is None:
+        if args is None:
+            raise TypeError("micro_batch_dataset: give num_rows, or args (the TrainingArguments: rows_needed(args))")
+        num_rows = rows_needed(args)
+    sampler = MicroBatchSampler(pools, batch_size, seed, loss, group_by_length=group_by_length)
     return MicroBatchDataset(sampler, num_rows, start)
 
 
@@ -206,6 +223,8 @@ class RepBendCollator:
         if pack_length is not None and pack_length < 1:
             raise ValueError(f"RepBendCollator: pack_length must be >= 1 or None, got {pack_length}")
         self.pad_id, self.pack_length = int(pad_id), pack_length
+        # RepBend's L_cos reads each unsafe row's last request token: its rows need a request
+        self.need_request = "cos" in self.loss_fn.terms
 
     def __call__(self, features: list) -> dict:
         if not features:
@@ -214,7 +233,7 @@ class RepBendCollator:
         for i, row in enumerate(features):
             index = row.get("index", -1) if isinstance(row, Mapping) else -1
             micros.append(micro_batch_from_row(row, f"RepBendCollator: batch row {i} (dataset index {index})",
-                                               need_request=self.loss_fn.cfg.method == "repbend"))
+                                               need_request=self.need_request))
             indices.append(int(index) if index is not None else -1)
         batch = self.loss_fn.collate(merge_micro_batches(micros), self.pad_id, self.pack_length)
         real = torch.zeros(batch.shape, dtype=torch.long)
@@ -244,11 +263,10 @@ class RepBendTrainer(Trainer):
         self.loss_fn = loss if isinstance(loss, RepBendLoss) else RepBendLoss(loss or LossConfig())
         if model is None:
             raise TypeError("RepBendTrainer: give the model (a PEFT model with LoRA adapters)")
-        if self.loss_fn.cfg.method != "rmu" and not hasattr(model, "disable_adapter"):
-            raise TypeError(f"RepBendTrainer: {self.loss_fn.cfg.method} trains LoRA adapters and needs a PEFT model "
-                            f"(its reference pass disables them), got a {type(model).__name__}: wrap it with "
-                            "peft.get_peft_model(model, LoraConfig(...)) or repbend.model.attach_lora first")
-        self.loss_fn.prepare(model)
+        try:
+            self.loss_fn.prepare(model)
+        except ConfigError as e:  # e.g. a LoRA method given a plain model
+            raise TypeError(f"RepBendTrainer: {e}") from None
         if args is None:
             args = TrainingArguments(output_dir="trainer_output")
         args.remove_unused_columns = False

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["RepDistance", "rep_distance_torch", "pairwise_cosine_loss_torch", "mask_rows", "check_rows",
-           "softcap_torch", "kl_rows_torch"]
+           "softcap_torch", "kl_rows_torch", "linear_logprob_reference"]
 
 Layers = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -154,3 +154,17 @@ def kl_rows_torch(ref_logits: torch.Tensor, delta_logits: torch.Tensor, temperat
     if slope is not None:
         grad.mul_(slope)
     return loss, grad
+
+
+def linear_logprob_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             softcap: float | None = None) -> torch.Tensor:
+    """Eager `linear_logprob` with full [N, V] logits, differentiable by autograd: hidden [N, D], weight [V, D],
+    labels int64 [N] -> log_softmax(c(hidden @ weight^T), -1)[n, labels[n]], c(z) = cap * tanh(z / cap) or z.
+
+    Computes in float32, or float64 when given float64 inputs (the tests' exact side).
+    """
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    z = hidden.to(dtype) @ weight.to(dtype).t()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.log_softmax(z, dim=-1).gather(1, labels.unsqueeze(1)).squeeze(1)

@@ -1,51 +1,31 @@
 """From a `MicroBatch` to one model input (`repbend.loss.layout`) and the token sets each loss term reads.
 
-All sets of a micro-batch (safe, unsafe, retain) go through the model together. A term's tokens are given as flat
-indices into the R*T positions of the input (row-major), built on the host, so that no kernel needs a device
-sync to learn how many tokens it reads. Sequences are laid out in the order safe, unsafe, retain.
-
-RepBend's token sets (docs/method.md, "Loss modes"), for a row whose request is [0, r) and response [r, n):
-
-    request_last      r-1                 request_all   [0, r)   (the rows hold the request only)
-    request_response  [0, n)              response_all  [r, n)
-    response_one      r                   response_R    [r, min(r+R, n))
-
-    safe, unsafe   the mode's positions of every safe / unsafe row, ascending
-    cos            the last request token r-1 of every unsafe row, in row order
-    pair           positions p .. p+R'-1 (p = r-1) of the harmful WildJailbreak rows (the trained side), ascending,
-    pair_ref       and the same positions of the aligned refusal rows (the reference side), in matching order;
-                   R' = min(paired_repr_length, the shortest response among the pair rows)
-    retain         every token of the retain rows, ascending
-
-Circuit Breakers and RMU read every token of their rows: `forget` (the unsafe rows) and `retain` (the safe rows,
-then the retain rows), each ascending. `meta` holds, per set, its number of rows (`forget_rows`, `retain_rows`) and
-its longest row (`forget_longest`, `retain_longest`: the padded length a per-set layout would have, which RMU's
-denominators count). For RMU the two sets are laid out apart, the retain set's rows first: the reference pass,
-which only the retain tokens need, runs on the first `meta["reference_rows"]` rows alone, and the flat indices of
-the retain tokens are the same in that prefix.
+All sets of a micro-batch (safe, unsafe, retain) go through the model together, laid out in the order safe, unsafe,
+retain. A term's tokens are given as flat indices into the R*T positions of the input (row-major), built on the
+host, so that no kernel needs a device sync to learn how many tokens it reads. Which tokens each term reads is the
+method's (its `collate`, in its module under repbend/methods/); this module holds the batch type and the pieces
+they share.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from .config import LossConfig
 from .layout import Placement, Rows, lay_out
 from .types import MicroBatch
 
 
 @dataclass
 class StepBatch:
+    """One model input and the token sets of its terms. Each method's batch is a subclass with its own typed counts
+    (e.g. `RepBendBatch.n_pairs`); `to(device)` keeps the subclass."""
+
     rows: Rows                          # the model input and its attention layout
-    index: dict[str, torch.Tensor]      # token sets (module docstring): int64 flat indices
-    n_safe: int
-    n_unsafe: int
-    n_retain: int
-    n_pairs: int = 0
-    pair_len: int = 0                   # R' of L_pair (0 without pairs)
+    index: dict[str, torch.Tensor] = field(default_factory=dict)  # token sets: int64 flat indices
     useful_tokens: int = 0              # real (non-padding) tokens of the input
-    meta: dict[str, int] = field(default_factory=dict)  # method-specific counts (e.g. padded lengths for RMU)
+    max_id: int | None = None           # the largest token id (checked against the model's vocabulary)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -58,94 +38,55 @@ class StepBatch:
     def to(self, device) -> "StepBatch":
         if self.rows.input_ids.device == torch.device(device):
             return self
-        return StepBatch(self.rows.to(device), {k: v.to(device, non_blocking=True) for k, v in self.index.items()},
-                         self.n_safe, self.n_unsafe, self.n_retain, self.n_pairs, self.pair_len, self.useful_tokens,
-                         dict(self.meta))
+        return dataclasses.replace(self, rows=self.rows.to(device),
+                                   index={k: v.to(device, non_blocking=True) for k, v in self.index.items()})
 
 
-def term_positions(mode: str, request_len: int, length: int, response_r: int) -> range:
-    """Token positions of one safe/unsafe sequence that its set's RepBend term reads (module docstring)."""
-    r, n = request_len, length
-    if mode == "request_last":
-        return range(r - 1, r)
-    if mode == "request_all":
-        return range(0, r)
-    if mode == "request_response":
-        return range(0, n)
-    if mode == "response_all":
-        return range(r, n)
-    if mode == "response_one":
-        return range(r, min(r + 1, n))
-    if mode == "response_R":
-        return range(r, min(r + response_r, n))
-    raise ValueError(f"unknown loss mode {mode!r}")
+def sequences(micro: MicroBatch) -> list:
+    """The micro-batch's sequences in layout order: safe, unsafe, retain."""
+    return list(micro.safe) + list(micro.unsafe) + list(micro.retain)
 
 
-def pair_length(safe_pairs, unsafe_pairs, paired_repr_length: int) -> int:
-    if not safe_pairs:
-        return 0
-    shortest = min(s.response_len for s in list(safe_pairs) + list(unsafe_pairs))
-    return max(0, min(paired_repr_length, shortest))
+def require_request(micro: MicroBatch, sets: tuple[str, ...], why: str) -> None:
+    """ValueError naming the row and field when a sequence of `sets` has no request token (request_len 0)."""
+    for name in sets:
+        for i, s in enumerate(getattr(micro, name)):
+            if s.request_len < 1:
+                raise ValueError(f"MicroBatch.{name}[{i}] ({s.origin or 'no origin'}): request_len 0, but {why}")
 
 
-def _long(values) -> torch.Tensor:
+def set_ranges(micro: MicroBatch) -> tuple[range, range, range]:
+    """The positions of the safe, unsafe and retain sequences in `sequences(micro)`."""
+    a, b, c = len(micro.safe), len(micro.unsafe), len(micro.retain)
+    return range(0, a), range(a, a + b), range(a + b, a + b + c)
+
+
+def long(values) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.long)
 
 
-def collate(micro: MicroBatch, loss: LossConfig, pad_id: int, pack_length: int | None = None) -> StepBatch:
-    """Lay out `micro` and build the token sets of `loss.method` (module docstring). `pack_length` None = one row
-    per sequence, right-padded; else rows of at most that many tokens."""
-    seqs = list(micro.safe) + list(micro.unsafe) + list(micro.retain)
-    n_safe, n_unsafe, n_retain = len(micro.safe), len(micro.unsafe), len(micro.retain)
-    if loss.method != "repbend":
-        sets = {"forget": list(range(n_safe, n_safe + n_unsafe)),
-                "retain": [*range(n_safe), *range(n_safe + n_unsafe, len(seqs))]}
-        if loss.method == "rmu":
-            rows, reference_rows = _apart(seqs, sets["retain"], sets["forget"], pad_id, pack_length)
-        else:
-            rows = lay_out(seqs, pad_id, pack_length)
-        T, P = rows.row_len, rows.placements
-        batch = StepBatch(rows, {}, n_safe, n_unsafe, n_retain, useful_tokens=sum(len(s) for s in seqs))
-        for name, ks in sets.items():
-            batch.index[name] = _long(sorted(P[k].flat(T, t) for k in ks for t in range(P[k].length)))
-            batch.meta[f"{name}_rows"] = len(ks)
-            batch.meta[f"{name}_longest"] = max((P[k].length for k in ks), default=0)
-        if loss.method == "rmu":
-            batch.meta["reference_rows"] = reference_rows
-        return batch
-
-    rows = lay_out(seqs, pad_id, pack_length)
+def every_token(rows: Rows, ks) -> torch.Tensor:
+    """Flat indices of every token of the sequences `ks`, ascending."""
     T, P = rows.row_len, rows.placements
-    every = lambda ks: sorted(P[k].flat(T, t) for k in ks for t in range(P[k].length))  # noqa: E731
-    batch = StepBatch(rows, {}, n_safe, n_unsafe, n_retain, useful_tokens=sum(len(s) for s in seqs))
-
-    def mode_positions(ks):
-        out = []
-        for k in ks:
-            cols = term_positions(loss.mode, P[k].request_len, P[k].length, loss.response_r)
-            out.extend(P[k].flat(T, t) for t in cols)
-        return sorted(out)
-    batch.index["safe"] = _long(mode_positions(range(n_safe)))
-    batch.index["unsafe"] = _long(mode_positions(range(n_safe, n_safe + n_unsafe)))
-    batch.index["cos"] = _long(P[k].flat(T, P[k].request_len - 1) for k in range(n_safe, n_safe + n_unsafe))
-    batch.index["retain"] = _long(every(range(n_safe + n_unsafe, len(seqs))))
-
-    n_pairs = micro.n_pairs
-    refusals = list(range(n_safe - n_pairs, n_safe))
-    harmful = list(range(n_safe + n_unsafe - n_pairs, n_safe + n_unsafe))
-    plen = pair_length([seqs[k] for k in refusals], [seqs[k] for k in harmful], loss.paired_repr_length)
-    pairs = sorted((P[ku].flat(T, P[ku].request_len - 1 + i), P[ks].flat(T, P[ks].request_len - 1 + i))
-                   for ks, ku in zip(refusals, harmful) for i in range(plen))
-    batch.index["pair"] = _long(a for a, _ in pairs)
-    batch.index["pair_ref"] = _long(b for _, b in pairs)
-    batch.n_pairs, batch.pair_len = n_pairs, plen
-    return batch
+    return long(sorted(P[k].flat(T, t) for k in ks for t in range(P[k].length)))
 
 
-def _apart(seqs, first: list[int], second: list[int], pad_id: int, pack_length: int | None) -> tuple[Rows, int]:
+def tokens_at(rows: Rows, ks, positions) -> torch.Tensor:
+    """Flat indices of the tokens `positions(placement)` (a range of token positions) of each sequence `ks`,
+    ascending."""
+    T, P = rows.row_len, rows.placements
+    return long(sorted(P[k].flat(T, t) for k in ks for t in positions(P[k])))
+
+
+def useful_tokens(seqs) -> int:
+    return sum(len(s) for s in seqs)
+
+
+def laid_apart(seqs, first: list[int], second: list[int], pad_id: int, pack_length: int | None) -> tuple[Rows, int]:
     """Rows of `seqs` with the sequences `first` laid out among themselves in the leading rows and `second` in the
     rows after them (each set as `lay_out` places it), all rows padded to the longest; placements stay indexed by
-    sequence. Returns (rows, number of leading rows)."""
+    sequence. Returns (rows, number of leading rows). A pass that reads only the `first` sequences can then run on
+    the leading rows alone, and their flat indices are the same there."""
     parts = [(ks, lay_out([seqs[k] for k in ks], pad_id, pack_length)) for ks in (first, second) if ks]
     if not parts:
         raise ValueError("collate: no sequences")
@@ -165,3 +106,22 @@ def _apart(seqs, first: list[int], second: list[int], pad_id: int, pack_length: 
     packed = any(r.packed for _, r in parts)
     rows = Rows(torch.cat(ids), torch.cat(pos), torch.cat(doc), placements, starts + [row0 * T], packed)
     return rows, (parts[0][1].input_ids.shape[0] if first else 0)
+
+
+def leading_rows(rows: Rows, n: int) -> Rows:
+    """The first `n` rows of a layout, with the sequences that lie in them (flat indices below n*T keep naming the
+    same tokens)."""
+    T = rows.row_len
+    inside = [p for p in rows.placements if p.row < n]
+    per_row: dict[int, int] = {}
+    for p in inside:
+        per_row[p.row] = per_row.get(p.row, 0) + 1
+    starts = [c for c in rows.cu_seqlens[:-1] if c < n * T]
+    return Rows(rows.input_ids[:n], rows.position_ids[:n], rows.doc_ids[:n], inside, starts + [n * T],
+                any(k > 1 for k in per_row.values()))
+
+
+def collate(micro: MicroBatch, loss, pad_id: int, pack_length: int | None = None) -> StepBatch:
+    """`loss.method`'s collate (a LossConfig): kept for callers of the module-level function."""
+    from .module import RepBendLoss
+    return RepBendLoss(loss).collate(micro, pad_id, pack_length)

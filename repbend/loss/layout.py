@@ -14,6 +14,12 @@ Attention, by the model's `config._attn_implementation` (`attention_inputs`):
     eager                   the same rule as an additive [R, 1, T, T] mask (0 / the dtype's lowest value).
 Rows that hold one sequence each need none of this: plain causal attention is exact, and no mask is passed.
 Flat indices into the R*T positions (row-major) name the same tokens in every layout.
+
+Hidden tokens (`lay_out(..., hide_id=pad)`, for DPO, whose reference hides every pad-valued token from attention):
+a hidden token keeps its position but no query sees it as a key. sdpa, eager and flex add that to their mask (rows
+then always get one, packed or not); flash-attn's varlen layout cannot mask a key, so the hidden tokens are left out
+of the flattened row altogether (as transformers itself does for a padding mask on that backend): the passes put
+every kept output back at its flat index (`Rows.kept`), and a hidden token's own output is not available there.
 """
 from __future__ import annotations
 
@@ -45,15 +51,22 @@ class Rows:
     placements: list[Placement]
     cu_seqlens: list[int]       # flat start of every sequence (padding tails included), then R*T
     packed: bool                # some row holds more than one sequence
+    hidden: torch.Tensor | None = None  # [R, T] bool: tokens no query attends to (None: none)
+    kept: torch.Tensor | None = None    # [K] long: the flat positions not hidden, ascending (with `hidden`)
+    kept_cu_seqlens: list[int] | None = None  # cu_seqlens counted over the kept positions only (with `hidden`)
 
     @property
     def row_len(self) -> int:
         return self.input_ids.shape[1]
 
     def to(self, device) -> "Rows":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Rows(move(self.input_ids), move(self.position_ids), move(self.doc_ids), self.placements,
-                    self.cu_seqlens, self.packed)
+                    self.cu_seqlens, self.packed, move(self.hidden), move(self.kept), self.kept_cu_seqlens)
+
+    def compacted(self, attn_implementation: str | None) -> bool:
+        """Whether the model input leaves the hidden tokens out (flash-attn's varlen layout with hidden tokens)."""
+        return self.hidden is not None and layout_kind(attn_implementation) == "varlen"
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[tuple[int, int]], int, int]:
@@ -74,8 +87,9 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[tuple[
     return where, len(fill), max(fill)
 
 
-def lay_out(seqs: list[Sequence], pad_id: int, pack_length: int | None = None) -> Rows:
-    """The rows of `seqs` (module docstring); `pack_length` None = one row per sequence."""
+def lay_out(seqs: list[Sequence], pad_id: int, pack_length: int | None = None, hide_id: int | None = None) -> Rows:
+    """The rows of `seqs` (module docstring); `pack_length` None = one row per sequence. `hide_id`: tokens of that
+    id inside a sequence are hidden from attention (module docstring)."""
     if not seqs:
         raise ValueError("lay_out: no sequences")
     lengths = [len(s) for s in seqs]
@@ -101,7 +115,16 @@ def lay_out(seqs: list[Sequence], pad_id: int, pack_length: int | None = None) -
             doc[row, p.start:end] = k
             starts.append(row * row_len + p.start)
     packed = any(len(ks) > 1 for ks in by_row)
-    return Rows(ids, pos, doc, placements, sorted(starts) + [n_rows * row_len], packed)
+    rows = Rows(ids, pos, doc, placements, sorted(starts) + [n_rows * row_len], packed)
+    if hide_id is not None:
+        hidden = torch.zeros((n_rows, row_len), dtype=torch.bool)
+        for s, p in zip(seqs, placements):
+            hidden[p.row, p.start:p.start + p.length] = torch.tensor(s.input_ids) == hide_id
+        if hidden.any():
+            visible = (~hidden).flatten().long().cumsum(0).tolist()
+            rows.hidden, rows.kept = hidden, (~hidden).flatten().nonzero().squeeze(1)
+            rows.kept_cu_seqlens = [0] + [visible[b - 1] for b in rows.cu_seqlens[1:]]
+    return rows
 
 
 def layout_kind(attn_implementation: str | None) -> str:
@@ -119,29 +142,45 @@ def layout_kind(attn_implementation: str | None) -> str:
 def attention_inputs(rows: Rows, attn_implementation: str | None, dtype: torch.dtype) -> dict:
     """Keyword arguments for the decoder stack's forward (input_ids, position_ids and the attention inputs), for
     `rows` already on the model's device. Every layout gives the same hidden states at the same flat indices."""
-    ids, pos = rows.input_ids, rows.position_ids
-    if not rows.packed:
+    ids, pos, hidden = rows.input_ids, rows.position_ids, rows.hidden
+    if not rows.packed and hidden is None:
         return {"input_ids": ids, "position_ids": pos, "attention_mask": None}
     kind = layout_kind(attn_implementation)
     if kind == "varlen":
-        cu = torch.tensor(rows.cu_seqlens, dtype=torch.int32).to(ids.device, non_blocking=True)
-        longest = max(b - a for a, b in zip(rows.cu_seqlens, rows.cu_seqlens[1:]))
-        return {"input_ids": ids.reshape(1, -1), "position_ids": pos.reshape(1, -1), "attention_mask": None,
-                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        return _varlen_inputs(rows)
     doc = rows.doc_ids
     if kind == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
+        # a hidden key belongs to no sequence (-1): one index per side, the form Inductor's CPU template compiles
+        key_doc = doc if hidden is None else torch.where(hidden, torch.full_like(doc, -1), doc)
+
         def same_sequence_causal(b, h, q, k):
-            return (doc[b, q] == doc[b, k]) & (k <= q)
+            return (doc[b, q] == key_doc[b, k]) & (k <= q)
         R, T = ids.shape
         mask = create_block_mask(same_sequence_causal, R, None, T, T, device=ids.device)
         return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
     T = ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril_()
     allowed = (doc[:, :, None] == doc[:, None, :]) & causal  # [R, T, T]: query row, key column
+    if hidden is not None:
+        allowed &= ~hidden[:, None, :]
+        # a query with no key left (a hidden token at the start of a sequence) sees itself: a real token never does
+        allowed |= torch.eye(T, dtype=torch.bool, device=ids.device) & ~allowed.any(-1, keepdim=True)
     if kind == "eager":
         additive = torch.zeros(allowed.shape, dtype=dtype, device=ids.device)
         additive.masked_fill_(~allowed, torch.finfo(dtype).min)
         return {"input_ids": ids, "position_ids": pos, "attention_mask": additive[:, None]}
     return {"input_ids": ids, "position_ids": pos, "attention_mask": allowed[:, None]}
+
+
+def _varlen_inputs(rows: Rows) -> dict:
+    """flash-attn's varlen arguments: every sequence in one flattened row, hidden tokens left out (module docstring)."""
+    ids, pos = rows.input_ids.reshape(-1), rows.position_ids.reshape(-1)
+    bounds = rows.cu_seqlens
+    if rows.kept is not None:
+        ids, pos, bounds = ids[rows.kept], pos[rows.kept], rows.kept_cu_seqlens
+    cu = torch.tensor(bounds, dtype=torch.int32).to(ids.device, non_blocking=True)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return {"input_ids": ids.reshape(1, -1), "position_ids": pos.reshape(1, -1), "attention_mask": None,
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

@@ -31,15 +31,21 @@ class HiddenCapture:
 
     `wanted` maps an index to None (keep the full output, as `[R, T, D]` in the rows' shape whatever the attention
     layout) or to a flat index tensor (keep only `out.flatten(0, 1)[idx]`; several terms' index tensors may be
-    given as a tuple, giving a tuple back).
+    given as a tuple, giving a tuple back). `rows`: the layout of the pass (needed for full outputs, and where the
+    model input leaves hidden tokens out: `Rows.compacted`, whose outputs are put back at their flat indices).
     """
 
-    def __init__(self, model, wanted: dict[int, object], rows_shape: tuple[int, int] | None = None):
+    def __init__(self, model, wanted: dict[int, object], rows=None):
         self.decoder = backbone(model)
-        self.rows_shape = rows_shape
+        self.rows_shape = tuple(rows.input_ids.shape) if rows is not None else None
+        self.kept = None
+        if rows is not None and rows.compacted(getattr(unwrap(model).config, "_attn_implementation", None)):
+            self.kept = rows.kept
+            self.where = torch.full((rows.input_ids.numel(),), -1, dtype=torch.long, device=rows.kept.device)
+            self.where[rows.kept] = torch.arange(rows.kept.numel(), device=rows.kept.device)
         self.n_layers = len(self.decoder.layers)
         self.wanted = wanted
-        self.kept: dict[int, object] = {}
+        self.captured: dict[int, object] = {}
         self._handles = []
         self._active = False
 
@@ -58,12 +64,15 @@ class HiddenCapture:
                 return
             h = _output_tensor(out)
             sel = self.wanted[index]
+            flat = h.reshape(-1, h.shape[-1])
             if sel is None:
-                self.kept[index] = h.view(*self.rows_shape, h.shape[-1]) if self.rows_shape else h
+                if self.kept is not None:  # back at the flat indices of the rows, zeros at the hidden tokens
+                    flat = flat.new_zeros(self.where.numel(), flat.shape[-1]).index_copy(0, self.kept, flat)
+                self.captured[index] = flat.view(*self.rows_shape, h.shape[-1]) if self.rows_shape else h
             else:
-                flat = h.reshape(-1, h.shape[-1])
-                self.kept[index] = (tuple(flat.index_select(0, s) for s in sel) if isinstance(sel, tuple)
-                                    else flat.index_select(0, sel))
+                pick = (lambda s: flat.index_select(0, self.where[s])) if self.kept is not None else \
+                    (lambda s: flat.index_select(0, s))
+                self.captured[index] = tuple(pick(s) for s in sel) if isinstance(sel, tuple) else pick(sel)
         return hook
 
     def __enter__(self):
@@ -112,17 +121,17 @@ def adapters_disabled(model):
 
 def reference_pass(model, batch, wanted: dict[int, object]) -> dict[int, object]:
     """Adapters disabled, eval mode, no_grad: return the gathered rows named by `wanted` (index -> flat idx)."""
-    with torch.no_grad(), adapters_disabled(model), HiddenCapture(model, wanted) as cap:
+    with torch.no_grad(), adapters_disabled(model), HiddenCapture(model, wanted, batch.rows) as cap:
         run_backbone(model, batch, max(wanted))
-    return cap.kept
+    return cap.captured
 
 
 def trained_pass(model, batch, indices) -> dict[int, torch.Tensor]:
     """Adapters on, in the model's current (train) mode: the full outputs `[R, T, D]` of the hidden-state
     `indices`."""
-    with HiddenCapture(model, {i: None for i in indices}, batch.shape) as cap:
+    with HiddenCapture(model, {i: None for i in indices}, batch.rows) as cap:
         run_backbone(model, batch, max(indices))
-    return cap.kept
+    return cap.captured
 
 
 def gathered_reference(model, batch, reads: dict[str, tuple[list[int], torch.Tensor]]

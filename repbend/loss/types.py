@@ -49,6 +49,9 @@ class MicroBatch:
             for i, s in enumerate(getattr(self, name)):
                 if not isinstance(s, Sequence):
                     raise TypeError(f"MicroBatch.{name}[{i}] is a {type(s).__name__}, not a Sequence")
+                if len(s) and min(s.input_ids) < 0:
+                    raise ValueError(f"MicroBatch.{name}[{i}] ({s.origin or 'no origin'}): input_ids holds the negative "
+                                     f"id {min(s.input_ids)}")
                 if len(s) == 0 or not 0 <= s.request_len <= len(s):
                     raise ValueError(f"MicroBatch.{name}[{i}] ({s.origin or 'no origin'}): {len(s)} tokens with "
                                      f"request_len {s.request_len}")

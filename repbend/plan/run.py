@@ -98,24 +98,32 @@ class _Phases:
             self.meter.note_gradients(self.model.parameters())
 
 
-def _as_fsdp(model, on: bool):
-    """FSDP2 swaps the class of each module it shards for FSDP<Name>; the decoder stack then runs whole
-    (repbend.loss.passes.run_backbone). The same swap on the fake model, undone afterwards."""
+def _as_fsdp(on: bool):
+    """Under FSDP2 the decoder stack runs whole (repbend.loss.passes.run_backbone cannot stop at a layer of a
+    sharded stack): the same here, by running the backbone without its stop for the duration."""
     if not on:
         return contextlib.nullcontext()
-    from ..model import backbone
+    import sys
 
-    stack = backbone(model)
-    cls = stack.__class__
+    from ..loss import passes
+
+    original = passes.run_backbone
+
+    def whole(model, batch, upto=None):
+        return original(model, batch, None)
 
     @contextlib.contextmanager
-    def swapped():
-        stack.__class__ = type("FSDP" + cls.__name__, (cls,), {})
+    def patched():
+        owners = [m for name, m in list(sys.modules.items())
+                  if name.startswith("repbend.loss") and getattr(m, "run_backbone", None) is original]
+        for m in owners:
+            m.run_backbone = whole
         try:
             yield
         finally:
-            stack.__class__ = cls
-    return swapped()
+            for m in owners:
+                m.run_backbone = original
+    return patched()
 
 
 def plan_variant(setup: Setup, variant: str) -> VariantPlan:
@@ -137,7 +145,7 @@ def plan_variant(setup: Setup, variant: str) -> VariantPlan:
     fsdp = setup.strategy == "fsdp" and setup.gpus > 1
     flops, useful, positions = [], [], []
     meter.adopt(list(model.parameters()) + list(model.buffers()))
-    with planned_device(setup.device), _as_fsdp(model, fsdp), mode, BoundedSizes(), meter:
+    with planned_device(setup.device), _as_fsdp(fsdp), mode, BoundedSizes(), meter:
         step = sv.make_step(variant, model, setup.loss_cfg, n_layers, torch.device("cpu"), autocast, phases,
                             setup.scale, pack_length=setup.pack_length)
         meter.mark(MODEL)  # what make_step set up: the trained tensors, frozen copies

@@ -20,7 +20,9 @@ One model serves both passes: the reference pass swaps the frozen copies in (an 
 storage, no copy) and back. A decoder layer at or past L never runs, so its tensors get no gradient.
 
 Passes: the trained pass runs decoder layers 0 .. L-1 over every row; the reference pass runs the same layers over
-the retain rows only (the batch lays the retain set out in its leading rows, `repbend.loss.batch`). Neither runs the
+the retain rows only (the batch lays the retain set out in its leading rows, `repbend.loss.batch.laid_apart`).
+
+Data: as Circuit Breakers' (repbend/methods/forget_retain.py and circuit_breakers.py). Neither runs the
 LM head. Both terms come out of `rep_distance` (its `sq` sums; c is passed as one row expanded with stride 0).
 
 Output: `save_weights` writes the trained tensors as `rmu_weights.safetensors` (names as in the base model's
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,13 +41,14 @@ import torch
 
 from repbend.kernels import rep_distance
 
+from ..config_fields import Group, Layers
 from ..errors import ConfigError
+from ..loss.batch import leading_rows
+from ..loss.passes import HiddenCapture, run_backbone, trained_pass
+from ..loss.terms import LossTerms
 from ..model import decoder_layers, unwrap
-from .batch import StepBatch
-from .config import LossConfig
-from .layout import Rows
-from .passes import HiddenCapture, run_backbone, trained_pass
-from .terms import LossTerms
+from .forget_retain import ForgetRetain, ForgetRetainBatch
+from .layers import influenced, scaled, scaled_span
 
 log = logging.getLogger("repbend")
 
@@ -59,33 +63,79 @@ def control_vector(hidden_size: int, steering_coeff: float, seed: int) -> torch.
     return (u / torch.norm(u) * steering_coeff).view(hidden_size)
 
 
-def leading_rows(rows: Rows, n: int) -> Rows:
-    """The first `n` rows of a layout, with the sequences that lie in them (flat indices below n*T keep naming the
-    same tokens)."""
-    T = rows.row_len
-    inside = [p for p in rows.placements if p.row < n]
-    per_row: dict[int, int] = {}
-    for p in inside:
-        per_row[p.row] = per_row.get(p.row, 0) + 1
-    starts = [c for c in rows.cu_seqlens[:-1] if c < n * T]
-    return Rows(rows.input_ids[:n], rows.position_ids[:n], rows.doc_ids[:n], inside, starts + [n * T],
-                any(k > 1 for k in per_row.values()))
+@dataclass
+class RMUSettings(Group):
+    NAME = "loss"
+
+    rmu_layer: int | None = None
+    """The hidden-state index whose activations are steered (7 = output of decoder layer 6). null = the published 7
+    of 32 at the model's depth (at least 1)."""
+    rmu_update_layers: Layers | None = None
+    """Decoder layers whose rmu_trainable tensors are trained (full weights, no LoRA). null = the published 5-7 of 32
+    at the model's depth."""
+    rmu_trainable: list[str] = field(default_factory=lambda: ["mlp.down_proj.weight"])
+    """Parameter names, relative to a decoder layer, that train."""
+    rmu_alpha: float = 1200.0
+    """Weight of the retain term."""
+    steering_coeff: float = 6.5
+    """Norm of the control vector c."""
+    rmu_seed: int = 42
+    """Seed of the generator that draws c (once per run)."""
+
+    def validate(self) -> None:
+        self.check(self.rmu_layer is None or self.rmu_layer >= 1, "rmu_layer", "be >= 1 (a decoder layer's output)")
+        self.check(self.rmu_update_layers is None or len(self.rmu_update_layers) > 0, "rmu_update_layers",
+                   "name at least one decoder layer (or be null)")
+        self.check(len(self.rmu_trainable) > 0, "rmu_trainable", "name at least one parameter")
+        self.check(self.steering_coeff > 0, "steering_coeff", "be positive")
+        self.check(self.rmu_seed >= 0, "rmu_seed", "be >= 0")
 
 
-class RMUObjective:
+class RMU(ForgetRetain):
     """RMU on the plain model: the reference pass swaps the frozen copies of the trained tensors in."""
 
+    NAME = "rmu"
+    SUMMARY = "RMU (representation misdirection: full weights of a few layers, no LoRA), the paper's baseline"
+    Settings = RMUSettings
     TERMS = ("unlearn", "retain")
+    TRAINS = "full"
+    STRATEGIES = ("ddp",)  # its reference pass swaps whole tensors in and out: not under FSDP's sharding
 
-    def __init__(self, cfg: LossConfig, impl: str = "auto"):
-        self.cfg, self.impl = cfg, impl
+    def __init__(self, settings=None, impl: str = "auto", allow_empty_terms: bool = False):
+        super().__init__(settings, impl, allow_empty_terms)
         self.params: list[torch.nn.Parameter] | None = None
         self.names: list[str] = []
         self.control_vector: torch.Tensor | None = None
         self._frozen: list[torch.Tensor] = []
         self._c_on: torch.Tensor | None = None  # c on the device of the last call
+        self.L: int | None = None               # the hidden-state index read, and the decoder layers updated,
+        self._update: list[int] = []            # at the model's depth (`prepare`)
 
-    # ------------------------------------------------------------ setup
+    # ------------------------------------------------------------ data and model
+    data_spec = ForgetRetain.marked_up_spec
+
+    def layer_settings(self, n_layers: int) -> tuple[int, list[int]]:
+        """(L, the decoder layers to update) at the model's depth, checked."""
+        cfg = self.cfg
+        L = max(1, scaled(7, n_layers)) if cfg.rmu_layer is None else cfg.rmu_layer
+        if not 1 <= L <= n_layers:
+            raise ConfigError(f"loss.rmu_layer = {L}: the model has hidden-state indices 1..{n_layers} after its "
+                              f"embeddings ({n_layers} decoder layers)")
+        update = scaled_span(5, 7, n_layers) if cfg.rmu_update_layers is None else list(cfg.rmu_update_layers)
+        bad = [i for i in update if not 0 <= i < n_layers]
+        if bad:
+            raise ConfigError(f"loss.rmu_update_layers {bad} out of range: the model has decoder layers "
+                              f"0..{n_layers - 1}")
+        return L, sorted(set(update))
+
+    def check_model(self, n_layers: int, lora_layers: list[int] | None = None) -> None:
+        L, update = self.layer_settings(n_layers)
+        influenced({"L_unlearn": (1.0, [L]), "L_retain": (self.cfg.rmu_alpha, [L])}, update,
+                   "loss.rmu_update_layers")
+
+    def lora_layers(self, n_layers: int) -> None:
+        return None
+
     def prepare(self, model) -> list[torch.nn.Parameter]:
         """Freeze everything but the listed tensors, copy them, draw c; returns them in layer order."""
         cfg = self.cfg
@@ -95,15 +145,9 @@ class RMUObjective:
         if hasattr(model, "disable_adapter") or hasattr(model, "peft_config"):
             raise ConfigError("loss.method rmu trains full weights: give it the plain model, not a PEFT model")
         layers = decoder_layers(model)
-        n_layers = len(layers)
-        if not 1 <= cfg.rmu_layer <= n_layers:
-            raise ConfigError(f"loss.rmu_layer = {cfg.rmu_layer}: the model has hidden-state indices 1..{n_layers} "
-                              f"after its embeddings ({n_layers} decoder layers)")
-        bad = [i for i in cfg.rmu_update_layers if not 0 <= i < n_layers]
-        if bad:
-            raise ConfigError(f"loss.rmu_update_layers {bad} out of range: the model has decoder layers "
-                              f"0..{n_layers - 1}")
-        update = sorted(set(cfg.rmu_update_layers))
+        L, update = self.layer_settings(len(layers))
+        self.check_model(len(layers))
+        self.L = L
         params = []
         for i in update:
             for name in cfg.rmu_trainable:
@@ -115,17 +159,18 @@ class RMUObjective:
                                       f"{have})") from None
         if len({id(p) for p in params}) != len(params):
             raise ConfigError("loss.rmu_trainable names the same tensor twice")
-        past = [i for i in update if i >= cfg.rmu_layer]
+        past = [i for i in update if i >= L]
         if past:
             log.warning("rmu: decoder layer(s) %s come at or after hidden-state index %d (loss.rmu_layer), which the "
                         "loss reads: they never run, so their tensors get no gradient and do not change "
-                        "(loss.rmu_layer %d would train them)", past, cfg.rmu_layer, max(past) + 1)
+                        "(loss.rmu_layer %d would train them)", past, L, max(past) + 1)
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
         by_id = {id(p): n for n, p in unwrap(model).named_parameters(remove_duplicate=False)}
         self.names = [by_id[id(p)] for p in params]
+        self._update = update
         self._frozen = [p.detach().clone() for p in params]
         self.params = params
         self.control_vector = control_vector(unwrap(model).config.hidden_size, cfg.steering_coeff, cfg.rmu_seed)
@@ -141,14 +186,17 @@ class RMUObjective:
             p.data = f
 
     # ------------------------------------------------------------ the loss
-    def _reference(self, model, batch: StepBatch, L: int) -> torch.Tensor:
+    def collate(self, micro, pad_id: int, pack_length: int | None = None) -> ForgetRetainBatch:
+        return self.collate_sets(micro, pad_id, pack_length, apart=True)
+
+    def _reference(self, model, batch: ForgetRetainBatch, L: int) -> torch.Tensor:
         """h_L at the retain tokens [N_r, D]: the original weights, eval mode, no_grad, leading rows only."""
-        sub = SimpleNamespace(rows=leading_rows(batch.rows, batch.meta["reference_rows"]))
+        sub = SimpleNamespace(rows=leading_rows(batch.rows, batch.reference_rows))
         was_training = model.training
         model.eval()
         self._swap()
         try:
-            with torch.no_grad(), HiddenCapture(model, {L: batch.index["retain"]}) as cap:
+            with torch.no_grad(), HiddenCapture(model, {L: batch.index["retain"]}, sub.rows) as cap:
                 run_backbone(model, sub, L)
         finally:
             self._swap()
@@ -156,15 +204,15 @@ class RMUObjective:
             # autocast caches its casts of the (same) parameter objects: those of the frozen weights must not serve
             # the trained pass
             torch.clear_autocast_cache()
-        return cap.kept[L]
+        return cap.captured[L]
 
-    def __call__(self, model, batch: StepBatch, progress: float | None = None) -> LossTerms:
+    def __call__(self, model, batch: ForgetRetainBatch, progress: float | None = None) -> LossTerms:
         if self.params is None:
             raise RuntimeError("rmu: call RepBendLoss.prepare(model) first (it sets up the trained tensors and c)")
-        cfg, ix, meta = self.cfg, batch.index, batch.meta
-        if "reference_rows" not in meta:
+        cfg, ix = self.cfg, batch.index
+        if not isinstance(batch, ForgetRetainBatch) or (batch.retain_rows and not batch.reference_rows):
             raise ValueError("rmu: the batch was not collated for rmu (use RepBendLoss(cfg).collate)")
-        L = cfg.rmu_layer
+        L = self.L
         n_forget, n_retain = ix["forget"].numel(), ix["retain"].numel()
         use_retain = cfg.rmu_alpha != 0 and n_retain > 0
         ref = self._reference(model, batch, L) if use_retain else None
@@ -174,11 +222,12 @@ class RMUObjective:
         if n_forget:
             c = self._control_on(hs.device)
             d = rep_distance([hs], c.view(1, 1, D).expand(1, n_forget, D), ix["forget"], impl=self.impl)
-            parts["unlearn"] = d.sq[0] / (meta["forget_rows"] * meta["forget_longest"] * D)
+            parts["unlearn"] = d.sq[0] / (batch.forget_rows * batch.forget_longest * D)
         if use_retain:
             d = rep_distance([hs], ref.unsqueeze(0), ix["retain"], impl=self.impl)
-            parts["retain"] = d.sq[0] / (meta["retain_rows"] * meta["retain_longest"] * D)
-        return LossTerms.weighted(parts, {"unlearn": 1.0, "retain": cfg.rmu_alpha})
+            parts["retain"] = d.sq[0] / (batch.retain_rows * batch.retain_longest * D)
+        return self.total(parts, {"unlearn": 1.0, "retain": cfg.rmu_alpha},
+                          {"unlearn": n_forget > 0, "retain": n_retain > 0})
 
     def _control_on(self, device) -> torch.Tensor:
         if self._c_on is None or self._c_on.device != device:
@@ -198,8 +247,8 @@ class RMUObjective:
         save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
         info = {"format": FORMAT, "base_model": getattr(unwrap(model).config, "_name_or_path", None),
                 "tensors": self.names, "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
-                "rmu_layer": self.cfg.rmu_layer, "rmu_update_layers": sorted(set(self.cfg.rmu_update_layers)),
-                "load": "repbend.loss.rmu.load_rmu_weights(model, this_directory), or copy each tensor of "
+                "rmu_layer": self.L, "rmu_update_layers": self._update,
+                "load": "repbend.methods.rmu.load_rmu_weights(model, this_directory), or copy each tensor of "
                         f"{WEIGHTS_FILE} into the base model's parameter of the same name"}
         (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
