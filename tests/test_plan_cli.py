@@ -85,8 +85,22 @@ def test_fsdp_shards_the_model_per_gpu(capsys):
         "peak_bytes"]  # the whole stack runs under FSDP2
 
 
+def test_method_all_plans_every_method_and_says_which_a_strategy_excludes(capsys):
+    assert cli.main(["--model", "tiny", "--method", "all", "--no-reference", "--gpus", "2",
+                     "--distributed.strategy", "fsdp", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    import step_workload
+    from repbend.methods import method_class
+    for m in step_workload.METHODS:
+        if "fsdp" in method_class(m).STRATEGIES:
+            assert out[m]["settings"]["strategy"] == "fsdp" and m in out[m]["variants"]
+        else:
+            assert "supports ddp only" in out[m]["not_planned"]
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--model", "no-such-model"], ["--model no-such-model", "known model"]),
+    (["--model", "tiny", "--method", "rmu", "--distributed.strategy", "fsdp"], ["fsdp", "rmu supports ddp only"]),
     (["--model", "tiny", "--method", "sgd"], ["--method sgd", "repbend"]),
     (["--model", "tiny", "--gpus", "0"], ["--gpus"]),
 ])

@@ -104,12 +104,17 @@ def setup_from_args(a: argparse.Namespace) -> Setup:
     if method not in sw.REFERENCE_OF:
         raise ConfigError(f"loss.method {method}: the step benchmark has no workload for it (methods: "
                           f"{', '.join(sw.METHODS)})")
+    from ..methods import method_class
+    supported = getattr(method_class(method), "STRATEGIES", ("ddp", "fsdp"))
     if a.pack_length is not None:
         pack = a.pack_length
     if a.packing is not None and not a.packing:
         pack = 0
     gpus = a.gpus
     strategy = a.strategy or strategy
+    if strategy not in supported:
+        raise ConfigError(f"distributed.strategy {strategy}: loss.method {method} supports {', '.join(supported)} "
+                          "only (as repbend train)")
     if gpus < 1 or a.steps < 1 or (a.batch_size is not None and a.batch_size < 1):
         raise ConfigError("--gpus, --steps and --batch-size must be at least 1")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if a.device == "cuda" else "fp32")]
@@ -189,19 +194,29 @@ def main(argv: list[str] | None = None) -> int:
     log = None if a.json else (lambda m: print(f"[plan] {m}", file=sys.stderr, flush=True))
     if a.method == "all":
         sw, _ = workload.bench_modules()
-        reports = []
+        reports, skipped = [], {}
         for m in sw.METHODS:
             a.method = m
-            s = setup_from_args(a)
+            try:
+                s = setup_from_args(a)
+            except ConfigError as e:  # e.g. a strategy the method does not support: said, the others planned
+                skipped[m] = str(e)
+                continue
             if log:
                 log(f"{m}:")
             reports.append(plan(s, reference=not a.no_reference, mfu=a.mfu, peak_tflops=a.peak_tflops,
                                 gpu_mem=a.gpu_mem, log=log))
+        if not reports:
+            raise ConfigError("; ".join(skipped.values()))
         if a.json:
             import json
-            print(json.dumps({r.settings["method"]: r.to_json() for r in reports}, indent=2, default=str))
+            out = {r.settings["method"]: r.to_json() for r in reports}
+            out.update({m: {"not_planned": why} for m, why in skipped.items()})
+            print(json.dumps(out, indent=2, default=str))
         else:
             print(combined_table(reports))
+            for m, why in skipped.items():
+                print(f"{m}: not planned: {why}")
         return 0
     s = setup_from_args(a)
     rep = plan(s, reference=not a.no_reference, mfu=a.mfu, peak_tflops=a.peak_tflops, gpu_mem=a.gpu_mem, log=log)

@@ -14,9 +14,12 @@ V vocabulary entries.
                           + (11 N V + 2 N V D)  the gradient pass and grad_hidden = G W, when hidden needs one
                           + 2 N V D             grad_weight = G^T h, when the weight needs one
                           (soft-capping's extra arithmetic per logit is not counted)
+    linear_logprob        2 N D V + 6 N V       z = h W^T and the online log-sum-exp with the label's logit
+    linear_logprob_backward  2 N D V + 6 N V    z again, d L / d z per logit
+                          + 2 N V D (+ 2 N V D) grad_hidden = G W (and grad_weight = G^T h when the head trains)
 Internal buffers (live while the op runs): linear_kl's Triton path holds two [C, V] logit buffers in the weight's
-dtype, its eager path about four fp32 ones, with C = the rows per chunk that `repbend.kernels.linear_kl` picks;
-the other ops allocate only what they return (and a table of addresses).
+dtype, its eager path about four fp32 ones; linear_logprob's one and about three; C = the rows per chunk each
+op's module picks. The other ops allocate only what they return (and a table of addresses).
 """
 from __future__ import annotations
 
@@ -81,6 +84,40 @@ def _linear_kl_buffers(hidden, ref_hidden, weight, temperature, softcap, impl, c
     return KL_TORCH_BUFFERS * rows * V * 4 + 4 * N
 
 
+LOGPROB_FLOPS_PER_LOGIT = 6
+LOGPROB_TORCH_BUFFERS = 3
+
+
+def _linear_logprob(hidden, weight, labels, softcap, impl, chunk_rows, **_):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    return 2 * N * D * V + LOGPROB_FLOPS_PER_LOGIT * N * V
+
+
+def _linear_logprob_bwd(grad_out, hidden, weight, labels, lse, softcap, impl, chunk_rows, need_h, need_w, **_):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    return (2 * N * D * V + LOGPROB_FLOPS_PER_LOGIT * N * V + (2 * N * V * D if need_h else 0)
+            + (2 * N * V * D if need_w else 0))
+
+
+def _logprob_buffers(hidden, weight, labels, softcap, impl, chunk_rows):
+    lp = importlib.import_module("repbend.kernels.linear_logprob")
+    N, V = hidden.shape[0], weight.shape[0]
+    if N == 0:
+        return 0
+    rows = lp._rows_per_chunk(N, weight, impl, chunk_rows)
+    return rows * V * (weight.element_size() if impl == "triton" else 4 * LOGPROB_TORCH_BUFFERS)
+
+
+def _linear_logprob_buffers(hidden, weight, labels, softcap, impl, chunk_rows, **_):
+    return _logprob_buffers(hidden, weight, labels, softcap, impl, chunk_rows)
+
+
+def _linear_logprob_bwd_buffers(grad_out, hidden, weight, labels, lse, softcap, impl, chunk_rows, *rest, **_):
+    return _logprob_buffers(hidden, weight, labels, softcap, impl, chunk_rows)
+
+
 @dataclass(frozen=True)
 class FusedCost:
     flops: Callable
@@ -97,6 +134,8 @@ FUSED = {
     "repbend.pairwise_cosine_fwd": FusedCost(_pairwise_fwd),
     "repbend.pairwise_cosine_bwd": FusedCost(_pairwise_bwd),
     "repbend.linear_kl": FusedCost(_linear_kl, _linear_kl_buffers),
+    "repbend.linear_logprob": FusedCost(_linear_logprob, _linear_logprob_buffers),
+    "repbend.linear_logprob_backward": FusedCost(_linear_logprob_bwd, _linear_logprob_bwd_buffers),
 }
 
 
