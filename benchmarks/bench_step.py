@@ -35,9 +35,11 @@ line per variant appended to FILE as soon as it ends):
                   host sync in the timed region); step_cpu_s: the same in process CPU time (CPU runs)
   tokens_per_s    median over the timed steps of useful tokens / step time (useful = non-padding tokens of every
                   set; the same for every variant of a method)
-  peak_mem_bytes  GPU: torch.cuda.max_memory_allocated over the steps (reset after model setup);
-                  CPU: the process's peak resident set over the steps (VmHWM, reset via /proc/self/clear_refs
-                  after setup; falls back to ru_maxrss of the whole process where that is not writable)
+  peak_mem_bytes  GPU: torch.cuda.max_memory_allocated over the steps after step 0 (which runs without dropout,
+                  for the loss check: not a training step's memory), with peak_reserved_bytes and the device's other
+                  use beside it; CPU: the process's peak resident set over the same steps (VmHWM, reset via
+                  /proc/self/clear_refs; falls back to ru_maxrss of the whole process where that is not writable;
+                  the allocator made to return freed tensors, see _steady_rss)
   mfu             GPU only, repbend and circuit_breakers methods: 6 * N * tokens_per_s / (--peak-tflops, default
                   989: H200 dense bf16), N = the decoder layers' parameters (neither embedding table); 6 = reference
                   forward 2 + trained forward 2 + backward to the activations 2 (the frozen base needs no weight
@@ -185,6 +187,10 @@ def run_variant(a: argparse.Namespace, variant: str, measure_matmul: bool = Fals
                 if k == 0:  # host reads only outside the timed region
                     res["loss"] = float(loss)
                     res["terms"] = {t: (None if v is None else float(v.detach())) for t, v in parts.items()}
+                    if len(micros) > 1:  # the peak of training steps: step 0 ran without dropout (the loss check)
+                        del loss, parts
+                        _reset_peak(device)
+                        continue
                 if k >= a.warmup:
                     times.append(dt)
                     cpu_times.append(cpu)

@@ -33,12 +33,12 @@ def test_table_and_json_put_the_method_beside_its_reference(capsys):
 
 def test_dotted_flags_mean_the_same_settings():
     short = cli.setup_from_args(cli.parser().parse_args(
-        ["--model", "tiny", "--method", "rmu", "--batch-size", "3", "--strategy", "fsdp", "--gpus", "2"]))
+        ["--model", "tiny", "--method", "circuit_breakers", "--batch-size", "3", "--strategy", "fsdp", "--gpus", "2"]))
     dotted = cli.setup_from_args(cli.parser().parse_args(
-        ["--model", "tiny", "--loss.method", "rmu", "--train.batch_size=3", "--distributed.strategy", "fsdp",
+        ["--model", "tiny", "--loss.method", "circuit_breakers", "--train.batch_size=3", "--distributed.strategy", "fsdp",
          "--gpus", "2"]))
     assert cli.settings_of(short) == cli.settings_of(dotted)
-    assert short.method == "rmu" and short.batch_size == 3 and short.strategy == "fsdp"
+    assert short.method == "circuit_breakers" and short.batch_size == 3 and short.strategy == "fsdp"
 
 
 def test_recipe_with_a_model_directory(tmp_path, capsys):

@@ -29,7 +29,8 @@ def bench_setup(model: str, method: str, device: str, dtype: torch.dtype, checkp
     return Setup(name=name, config=config, method=method,
                  loss_cfg=sw.loss_config(method, spec.layers, scale, eta), batch_size=batch_size, device=device,
                  dtype=dtype, checkpointing=ckpt if checkpointing is None else checkpointing,
-                 pack_length=round(sw.PACK_LENGTH * scale), steps=count, seed=seed, scale=scale)
+                 pack_length=round(sw.PACK_LENGTH * scale), steps=count, seed=seed, scale=scale,
+                 peak_from=1 if count > 1 else 0)  # as the bench: step 0 (dropout off, the loss check) not counted
 
 
 def plan_runs(variants: list[str], setup_of, warmup: int, log=None) -> dict:

@@ -50,6 +50,7 @@ class Setup:
     steps: int = 1                      # micro-batches planned (0, 1, ...); the peak is the largest
     seed: int = 42
     scale: float = 1.0                  # the step benchmark's --scale (sequence lengths, padding, pack length)
+    peak_from: int = 0                  # the first micro-batch whose peak counts (the bench measures from 1)
     gpus: int = 1
     strategy: str = "ddp"
 
@@ -169,7 +170,8 @@ def plan_variant(setup: Setup, variant: str) -> VariantPlan:
                 flops.append(sum(meter.flops_by_op.values()) - before)
                 useful.append(n_useful)
                 positions.append(n_pos)
-    total, state, worst = max(peaks, key=lambda p: p[0])
+    counted = peaks[setup.peak_from:] or peaks
+    total, state, worst = max(counted, key=lambda p: p[0])
     rep = meter.report(worst)
     kinds = dict.fromkeys(KINDS, 0)
     for phase, nbytes in rep.peak_by_phase.items():
