@@ -49,16 +49,18 @@ def installed() -> dict[str, tuple[str, str]]:
 
 
 def diff(path: str) -> list[str]:
+    """The releases here that differ from the file's pins (first), then the packages it does not list (in one
+    entry: a new dependency, or a CUDA build's runtime wheels)."""
     pins, have = read_constraints(path), installed()
-    out = []
+    moved, new = [], []
     for key, (name, version) in sorted(have.items()):
         if key == "repbend":
             continue
         if key not in pins:
-            out.append(f"{name} {version} (not in {path})")
+            new.append(f"{name} {version}")
         elif pins[key] != version:
-            out.append(f"{name} {version} ({path}: {pins[key]})")
-    return out
+            moved.append(f"{name} {version} ({path}: {pins[key]})")
+    return moved + ([f"{len(new)} not in {path}: {', '.join(new)}"] if new else [])
 
 
 def main(argv: list[str]) -> int:
