@@ -8,11 +8,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from step_workload import (LENGTHS, LORA_B_STD, METHOD_OF, MODELS, PACK_LENGTH, REFERENCE_OF, _device, _dtype,
-                           adapter_layers, cb_layers, rmu_layer, rmu_update_layers, target_layers)
+from step_workload import (LENGTHS, LORA_B_STD, METHOD_OF, MFU_METHODS, MODELS, PACK_LENGTH, REFERENCE_OF, _device,
+                           _dtype, adapter_layers, loss_config)
 
-MFU_METHODS = ("repbend", "circuit_breakers")
-_RECORDS: dict = {}  # RMU's passes stop at its layer: 6N per token does not apply
+_RECORDS: dict = {}
 
 
 def summarize(a, results: dict, tflops: float | None, overhead: dict | None = None, plans: dict | None = None) -> dict:
@@ -184,10 +183,8 @@ def write_outputs(a, table: dict, tflops, text: str) -> None:
     n = MODELS[a.model].layers
     run = {"argv": vars(a), "bf16_matmul_tflops": tflops, "lengths": {k: asdict(d) for k, d in LENGTHS.items()},
            "model": asdict(MODELS[a.model]), "pack_length": PACK_LENGTH, "lora_b_std": LORA_B_STD,
-           "recipes": {"repbend": {"target_layers": target_layers(n), "lora_layers": adapter_layers("repbend", n)},
-                       "circuit_breakers": {"target_layers": cb_layers(n),
-                                            "lora_layers": adapter_layers("circuit_breakers", n)},
-                       "rmu": {"rmu_layer": rmu_layer(n), "rmu_update_layers": rmu_update_layers(n)}},
+           "recipes": {m: {**loss_config(m, n).to_dict(), "lora_layers": adapter_layers(m, n)}
+                       for m in dict.fromkeys(METHOD_OF.values())},
            "mfu_formula": "6 * n_params * tokens_per_s / peak (mfu) or / bf16_matmul_tflops (mfu_vs_matmul); "
                           "n_params = decoder layers + final norm"}
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str))

@@ -1,20 +1,21 @@
 """One training step of each variant of benchmarks/bench_step.py, on the same model, micro-batch and optimizer
 settings (AdamW lr 1e-5, clip 1.0, over the method's trained tensors):
 
-  repbend, circuit_breakers, rmu   the trainer's step as shipped: `RepBendLoss(cfg)` collate (sequences packed
-                                   into rows of at most PACK_LENGTH tokens) + loss + backward + clip + AdamW step
-  repbend+padded                   RepBend with one row per sequence, padded to the micro-batch's longest
-  reference, reference+dynpad      benchmarks/reference_recipe.py (fixed 512/512/1024 padding; per-set longest)
-  cb_reference, rmu_reference      benchmarks/reference_baselines.py
+  a shipped variant (repbend, circuit_breakers, ...)  the trainer's step as shipped: `RepBendLoss(cfg)` collate
+                                  (sequences packed into rows of at most PACK_LENGTH tokens) + loss + backward + clip
+                                  + AdamW step; "+padded": one row per sequence, padded to the micro-batch's longest
+  a reference variant             the method's re-creation of the reference code (benchmarks/methods.py)
 Circuit Breakers' coefficient schedule reads progress = (k + 1) / CB_MAX_STEPS at step k, the same in both of its
-variants. A step returns (loss tensor, {term: tensor}, useful tokens, positions per pass).
+variants (the other methods ignore it). A step returns (loss tensor, {term: tensor}, useful tokens, positions per
+pass).
 """
 from __future__ import annotations
 
 import contextlib
 import time
 
-from step_workload import EOS_ID, METHOD_OF, PACK_LENGTH, PAD_ID
+from methods import BENCH
+from step_workload import METHOD_OF, PACK_LENGTH, PAD_ID
 
 CB_MAX_STEPS = 150  # the published recipe's step count
 RMU_START_SEED = 1234
@@ -64,16 +65,12 @@ def make_step(variant: str, model, loss_cfg, n_layers: int, device, autocast, ph
 
     method = METHOD_OF[variant]
     loss_fn = RepBendLoss(loss_cfg)
-    rmu_ref = None
-    if variant == "rmu_reference":
-        from reference_baselines import RMUReference
-        rmu_ref = RMUReference(loss_cfg)
-        params = rmu_ref.prepare(model)
-    elif method == "rmu":
-        params = loss_fn.prepare(model)
-    else:
+    shipped = variant in BENCH[method].variants
+    ref = None if shipped else BENCH[method].reference(variant, loss_cfg, n_layers, scale)
+    params = loss_fn.prepare(model) if shipped else ref.prepare(model)
+    if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
-    if method == "rmu":
+    if loss_fn.method.TRAINS == "full":
         perturb(params, RMU_START_SEED)
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)  # the recipes
 
@@ -86,9 +83,9 @@ def make_step(variant: str, model, loss_cfg, n_layers: int, device, autocast, ph
     def progress(k):
         return (k + 1) / CB_MAX_STEPS
 
-    if variant in ("repbend", "repbend+padded", "circuit_breakers", "rmu"):
+    if shipped:
         pack = round(PACK_LENGTH * scale) if pack_length is None else (pack_length or None)
-        if variant == "repbend+padded":
+        if variant.endswith("+padded"):
             pack = None
 
         def step(micro, k):
@@ -106,53 +103,17 @@ def make_step(variant: str, model, loss_cfg, n_layers: int, device, autocast, ph
 
     from reference_recipe import free_memory
 
-    if variant == "cb_reference":
-        from reference_baselines import CBWidths, build_cb_batch, cb_reference_loss
-        widths = CBWidths(*(max(1, round(w * scale)) for w in (CBWidths.request, CBWidths.response)))
-
-        def step(micro, k):
-            phases.start()
-            cb = build_cb_batch(micro, loss_cfg, EOS_ID, widths).to(device)  # the reference pads with EOS
-            phases.mark("collate")
-            with autocast:
-                total, parts = cb_reference_loss(model, cb, loss_cfg, n_layers, progress(k), mark=phases.mark)
-                total.backward()
-            phases.mark("backward")
-            free_memory(device)
-            phases.mark("gc")
-            finish()
-            return total.detach(), parts, cb.useful_tokens, cb.positions
-        return step
-
-    if variant == "rmu_reference":
-        from reference_baselines import build_rmu_batch
-
-        def step(micro, k):
-            phases.start()
-            rb = build_rmu_batch(micro, PAD_ID).to(device)
-            phases.mark("collate")
-            with autocast:
-                total, parts = rmu_ref.loss(model, rb, mark=phases.mark)
-                total.backward()
-            phases.mark("backward")
-            finish()
-            return total.detach(), parts, rb.useful_tokens, rb.positions
-        return step
-
-    from reference_recipe import DYNAMIC, FIXED, Padding, build_reference_batch, reference_loss
-    padding = DYNAMIC if variant == "reference+dynpad" else Padding(*(round(w * scale) for w in
-                                                                      (FIXED.request, FIXED.response, FIXED.retain)))
-
     def step(micro, k):
         phases.start()
-        rb = build_reference_batch(micro, loss_cfg, PAD_ID, padding).to(device)
+        rb = ref.batch(micro).to(device)
         phases.mark("collate")
         with autocast:
-            total, parts = reference_loss(model, rb, loss_cfg, n_layers, mark=phases.mark)
+            total, parts = ref.loss(model, rb, progress(k), phases.mark)
             total.backward()
         phases.mark("backward")
-        free_memory(device)                                                  # 8
-        phases.mark("gc")
+        if ref.gc:
+            free_memory(device)
+            phases.mark("gc")
         finish()
         return total.detach(), parts, rb.useful_tokens, rb.positions
     return step
@@ -160,23 +121,13 @@ def make_step(variant: str, model, loss_cfg, n_layers: int, device, autocast, ph
 
 def positions_of(variant: str, micro, loss_cfg, scale: float) -> int:
     """Positions one pass of `variant` computes for `micro` (no model): its layout's padding."""
-    from repbend.loss.batch import collate
+    from repbend.loss import RepBendLoss
 
-    if variant in ("repbend", "circuit_breakers", "rmu"):
-        return collate(micro, loss_cfg, PAD_ID, round(PACK_LENGTH * scale)).input_ids.numel()
-    if variant == "repbend+padded":
-        return collate(micro, loss_cfg, PAD_ID).input_ids.numel()
-    if variant == "cb_reference":
-        from reference_baselines import CBWidths, build_cb_batch
-        widths = CBWidths(*(max(1, round(w * scale)) for w in (CBWidths.request, CBWidths.response)))
-        return build_cb_batch(micro, loss_cfg, EOS_ID, widths).positions
-    if variant == "rmu_reference":
-        from reference_baselines import build_rmu_batch
-        return build_rmu_batch(micro, PAD_ID).positions
-    from reference_recipe import DYNAMIC, FIXED, Padding, build_reference_batch
-    padding = DYNAMIC if variant == "reference+dynpad" else Padding(*(round(w * scale) for w in
-                                                                      (FIXED.request, FIXED.response, FIXED.retain)))
-    return build_reference_batch(micro, loss_cfg, PAD_ID, padding).positions
+    method = METHOD_OF[variant]
+    if variant in BENCH[method].variants:
+        pack = None if variant.endswith("+padded") else round(PACK_LENGTH * scale)
+        return RepBendLoss(loss_cfg).collate(micro, PAD_ID, pack).input_ids.numel()
+    return BENCH[method].reference(variant, loss_cfg, 0, scale).batch(micro).positions
 
 
 @contextlib.contextmanager
@@ -212,8 +163,9 @@ def timed_passes(phases: Phases, method: str):
             return out
         return timed
     targets = [(module, "trained_pass", "lora_forward")]
-    if method == "rmu":
-        targets.append((getattr(module, cls_name), "_reference", "ref_forward"))
+    cls = getattr(module, cls_name)
+    if hasattr(cls, "_reference"):  # a method with its own reference pass (RMU swaps its frozen tensors in)
+        targets.append((cls, "_reference", "ref_forward"))
     else:
         targets.append((module, "gathered_reference", "ref_forward"))
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]

@@ -1,35 +1,32 @@
 """The workload of benchmarks/bench_step.py: the model shapes (random weights from a config), each method's recipe
 scaled to each shape, and synthetic micro-batches whose lengths follow the public data sets.
 
-Methods and their variants (each method is measured against its own re-creation of the reference code):
-    repbend           repbend, repbend+padded | reference, reference+dynpad   (benchmarks/reference_recipe.py)
-    circuit_breakers  circuit_breakers        | cb_reference                  (benchmarks/reference_baselines.py)
-    rmu               rmu                     | rmu_reference                 (benchmarks/reference_baselines.py)
-Recipes at n decoder layers (the published 32-layer values at the same relative depth):
+Methods, their variants and their reference re-creations are registered in benchmarks/methods.py (BENCH); this
+module derives the tables the benchmark reads from it. Recipes at n decoder layers (the published 32-layer values
+at the same relative depth):
     repbend           U = floor(20n/32) .. floor(30n/32); LoRA r 16 on layers 0..max(U)
     circuit_breakers  C = floor(18n/32), floor(29n/32), floor(20n/32) .. floor(30n/32) (the published list, its
                       duplicate kept); R = all indices; cb_alpha 10; P = 2048 (x --scale); LoRA on 0..max(C)
     rmu               L = max(3, floor(7n/32)); trained: mlp.down_proj.weight of decoder layers L-2 .. L (5..7 of 32)
-Micro-batches: RepBend's composition (2B safe, 2B unsafe, B retain); Circuit Breakers and RMU: B forget rows and B
-retain-side rows (WildGuardMix safe + WildJailbreak refusals + UltraChat), from the sampler's own composition.
+    npo, dpo          the published coefficients; LoRA on every layer
+Micro-batches: each method's own composition from the sampler (RepBend: 2B safe, 2B unsafe, B retain; Circuit
+Breakers, RMU, NPO: B forget and B retain-side rows; DPO: B pairs).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-METHODS = ("repbend", "circuit_breakers", "rmu")
+from methods import BENCH, EOS_ID, FIRST_ID, PAD_ID, cb_layers, method_of, rmu_layer, rmu_update_layers, target_layers  # noqa: F401,E501
+
+METHODS = tuple(BENCH)
 # run order: each method with its reference first (the figures that matter when time runs out), the layouts after
-VARIANTS = ("repbend", "reference", "circuit_breakers", "cb_reference", "rmu", "rmu_reference", "repbend+padded",
-            "reference+dynpad")
-METHOD_OF = {"repbend": "repbend", "repbend+padded": "repbend", "reference": "repbend", "reference+dynpad": "repbend",
-             "circuit_breakers": "circuit_breakers", "cb_reference": "circuit_breakers", "rmu": "rmu",
-             "rmu_reference": "rmu"}
-REFERENCE_OF = {"repbend": "reference", "circuit_breakers": "cb_reference", "rmu": "rmu_reference"}
-BATCH_GPU = {"repbend": 4, "circuit_breakers": 4, "rmu": 16}  # the recipes' per-device micro-batch B
-PAD_ID, FIRST_ID = 0, 1   # token 0 pads; data ids are drawn from [FIRST_ID, vocab)
-EOS_ID = FIRST_ID + 1     # the models' EOS: Circuit Breakers' reference pads with it (its embedding is not the zero
-                          # row of PAD_ID, so its left padding gives no zero hidden state, whose cos would be 0/0)
+VARIANTS = tuple(v for m in BENCH.values() for v in (m.variants[0], m.references[0])) + tuple(
+    v for m in BENCH.values() for v in m.variants[1:] + m.references[1:])
+METHOD_OF = {v: method_of(v) for v in VARIANTS}
+REFERENCE_OF = {name: m.references[0] for name, m in BENCH.items()}
+BATCH_GPU = {name: m.batch_gpu for name, m in BENCH.items()}
+MFU_METHODS = tuple(name for name, m in BENCH.items() if m.mfu)
 PACK_LENGTH = 1024
 LORA_B_STD = 0.02
 
@@ -57,52 +54,23 @@ MODELS = {
 }
 
 
-def target_layers(n_layers: int) -> list[int]:
-    """The recipe's U = 20..30 of 32 at the same relative span: floor(20n/32) .. floor(30n/32) (8 layers: 5..7)."""
-    return list(range(20 * n_layers // 32, 30 * n_layers // 32 + 1))
-
-
 def lora_layers(n_layers: int) -> list[int]:
     """The recipe: adapters on decoder layers 0 .. the last target index (0..30 of 32; 0..7 of 8)."""
-    return list(range(min(max(target_layers(n_layers)), n_layers - 1) + 1))
-
-
-def cb_layers(n_layers: int) -> list[int]:
-    """Circuit Breakers' C: the published "18,29,20-30" of 32 at the same relative depth (duplicates kept)."""
-    n = n_layers
-    return [18 * n // 32, 29 * n // 32] + list(range(20 * n // 32, 30 * n // 32 + 1))
-
-
-def rmu_layer(n_layers: int) -> int:
-    """RMU's hidden-state index L: 7 of 32 (at least 3, so that two layers below it train)."""
-    return min(n_layers, max(3, 7 * n_layers // 32))
-
-
-def rmu_update_layers(n_layers: int) -> list[int]:
-    """RMU's trained decoder layers: L-2 .. L (5, 6, 7 of 32; layer L never runs, the reference's quirk)."""
-    L = rmu_layer(n_layers)
-    return [i for i in range(L - 2, L + 1) if 0 <= i < n_layers]
+    return adapter_layers("repbend", n_layers)
 
 
 def adapter_layers(method: str, n_layers: int) -> list[int] | None:
-    """Decoder layers with LoRA adapters (None: RMU trains full weights)."""
-    if method == "rmu":
-        return None
-    top = max(cb_layers(n_layers) if method == "circuit_breakers" else target_layers(n_layers))
-    return list(range(min(top, n_layers - 1) + 1))
+    """Decoder layers with LoRA adapters: the method's own default at its recipe (None: it trains full weights)."""
+    from repbend.loss import RepBendLoss
+    return RepBendLoss(loss_config(method, n_layers)).method.lora_layers(n_layers)
 
 
 def loss_config(method: str, n_layers: int, scale: float = 1.0, eta: float = 0.0):
     """The method's recipe (module docstring) for a model with `n_layers` decoder layers."""
     from repbend.loss import LossConfig
-    if method == "repbend":
-        return LossConfig(target_layers=target_layers(n_layers), eta=eta)
-    if method == "circuit_breakers":
-        return LossConfig(method="circuit_breakers", target_layers=cb_layers(n_layers),
-                          cb_retain_pad_length=max(2, round(2048 * scale)))
-    if method == "rmu":
-        return LossConfig(method="rmu", rmu_layer=rmu_layer(n_layers), rmu_update_layers=rmu_update_layers(n_layers))
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method not in BENCH:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return LossConfig(method=method, **BENCH[method].recipe(n_layers, scale, eta))
 
 
 def n_params_counted(model) -> int:

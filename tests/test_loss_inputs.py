@@ -96,6 +96,7 @@ def test_the_defaults_fit_a_small_model(assets, tmp_path):
     fn = RepBendLoss(LossConfig())
     assert fn.method.layer_sets(3)[1] == [1, 2] and fn.method.lora_layers(3) == [0, 1, 2]
     assert fn.method.layer_sets(32)[1] == list(range(20, 31))  # the published span at 32 layers
+    assert fn.method.lora_layers(32) == list(range(31))  # the recipe: adapters on decoder layers 0-30
     cb = RepBendLoss(LossConfig(method="circuit_breakers")).method
     assert cb.layer_sets(32)[1] == [18, 29] + list(range(20, 31))
     rmu = RepBendLoss(LossConfig(method="rmu")).method

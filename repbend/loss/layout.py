@@ -116,14 +116,20 @@ def lay_out(seqs: list[Sequence], pad_id: int, pack_length: int | None = None, h
             starts.append(row * row_len + p.start)
     packed = any(len(ks) > 1 for ks in by_row)
     rows = Rows(ids, pos, doc, placements, sorted(starts) + [n_rows * row_len], packed)
-    if hide_id is not None:
-        hidden = torch.zeros((n_rows, row_len), dtype=torch.bool)
+    if hide_id is not None and any(hide_id in s.input_ids for s in seqs):  # on the host: no tensor value is read
+        flags = [[False] * row_len for _ in range(n_rows)]
         for s, p in zip(seqs, placements):
-            hidden[p.row, p.start:p.start + p.length] = torch.tensor(s.input_ids) == hide_id
-        if hidden.any():
-            visible = (~hidden).flatten().long().cumsum(0).tolist()
-            rows.hidden, rows.kept = hidden, (~hidden).flatten().nonzero().squeeze(1)
-            rows.kept_cu_seqlens = [0] + [visible[b - 1] for b in rows.cu_seqlens[1:]]
+            flags[p.row][p.start:p.start + p.length] = [t == hide_id for t in s.input_ids]
+        flat = [f for row in flags for f in row]
+        visible, kept, seen = [], [], 0
+        for i, f in enumerate(flat):
+            if not f:
+                kept.append(i)
+                seen += 1
+            visible.append(seen)
+        rows.hidden = torch.tensor(flags, dtype=torch.bool)
+        rows.kept = torch.tensor(kept, dtype=torch.long)
+        rows.kept_cu_seqlens = [0] + [visible[b - 1] for b in rows.cu_seqlens[1:]]
     return rows
 
 

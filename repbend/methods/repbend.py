@@ -248,10 +248,9 @@ class RepBend(Method):
         influenced(reads, lora_layers, "lora.layers_to_transform")
 
     def lora_layers(self, n_layers: int) -> list[int]:
-        """0 .. the last decoder layer whose output a term reads."""
-        S, U = self.layer_sets(n_layers)
-        top = max(U + ([n_layers] if self.cfg.epsilon else []) + (S if self.cfg.alpha else []))
-        return list(range(min(top, n_layers - 1) + 1))
+        """0 .. the last target layer (the recipe: decoder layers 0-30 of 32 for U = 20-30)."""
+        _, U = self.layer_sets(n_layers)
+        return list(range(min(max(U), n_layers - 1) + 1))
 
     # ------------------------------------------------------------ the step
     def collate(self, micro: MicroBatch, pad_id: int, pack_length: int | None = None) -> RepBendBatch:
