@@ -95,3 +95,17 @@ def cudagraph_unsafe_tags() -> tuple:
     out of its CUDA graphs. Empty where this torch has no such tag."""
     tag = getattr(torch.Tag, "cudagraph_unsafe", None)
     return (tag,) if tag is not None else ()
+
+
+def check_not_sharded(t: torch.Tensor, what: str, op: str, softmax: str = "softmax") -> None:
+    """TypeError for a DTensor sharded over its mesh (e.g. a tensor-parallel LM head): it holds only part of the
+    [V, D] rows here, and the `op`'s `softmax` needs every logit. A replicated DTensor is fine."""
+    if type(t).__name__ != "DTensor" or not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(t, DTensor) and not all(isinstance(p, Replicate) for p in t.placements):
+        raise TypeError(
+            f"{op}: {what} is a DTensor with placements {tuple(t.placements)} over {t.device_mesh}: a sharded "
+            f"{what} gives each rank only part of the logits, whose {softmax} needs them all, and {op} has no "
+            f"distributed {softmax}. Pass the full tensor ({what}.full_tensor(), or a replicated DTensor).")

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import num_chunks, on_device, resolve_impl
+from ._dispatch import check_not_sharded, num_chunks, on_device, resolve_impl
 from .reference import kl_rows_torch, softcap_torch  # noqa: F401 (softcap_torch: the eager soft-capping)
 
 # Bytes of one [C, V] logit buffer per chunk. The Triton path holds two (in the input dtype); the eager path holds
@@ -248,16 +248,7 @@ def _linear_kl_forward(hidden, ref_hidden, weight, temperature, softcap, impl, c
 
 
 def _check_not_sharded(t: torch.Tensor, what: str) -> None:
-    """A DTensor sharded over its mesh (e.g. a tensor-parallel LM head) holds only part of the [V, D] rows here."""
-    if type(t).__name__ != "DTensor" or not torch.distributed.is_available():
-        return
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if isinstance(t, DTensor) and not all(isinstance(p, Replicate) for p in t.placements):
-        raise TypeError(
-            f"linear_kl: {what} is a DTensor with placements {tuple(t.placements)} over {t.device_mesh}: a sharded "
-            f"{what} gives each rank only part of the logits, whose softmax needs them all, and linear_kl has no "
-            f"distributed softmax. Pass the full tensor ({what}.full_tensor(), or a replicated DTensor).")
+    check_not_sharded(t, what, "linear_kl", "softmax")
 
 
 def _check_inputs(hidden, ref_hidden, weight, temperature, softcap) -> None:

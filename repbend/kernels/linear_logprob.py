@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import cudagraph_unsafe_tags, num_chunks, on_device, resolve_impl
+from ._dispatch import check_not_sharded, cudagraph_unsafe_tags, num_chunks, on_device, resolve_impl
 from .linear_kl import _chunk_rows, _local, _tanh_parts, _tanh_rel
 
 # Bytes of the one [C, V] logit buffer of the Triton path (input dtype): 256 MiB gives C = 1024 rows for V = 128256
@@ -314,17 +314,7 @@ linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
 def _check_not_sharded(t: torch.Tensor, what: str) -> None:
-    """A DTensor sharded over its mesh (e.g. a tensor-parallel LM head) holds only part of the [V, D] rows here."""
-    if type(t).__name__ != "DTensor" or not torch.distributed.is_available():
-        return
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if isinstance(t, DTensor) and not all(isinstance(p, Replicate) for p in t.placements):
-        raise TypeError(
-            f"linear_logprob: {what} is a DTensor with placements {tuple(t.placements)} over {t.device_mesh}: a "
-            f"sharded {what} gives each rank only part of the logits, whose log-softmax needs them all, and "
-            f"linear_logprob has no distributed softmax. Pass the full tensor ({what}.full_tensor(), or a "
-            f"replicated DTensor).")
+    check_not_sharded(t, what, "linear_logprob", "log-softmax")
 
 
 def _check_inputs(hidden, weight, labels, softcap) -> None:
