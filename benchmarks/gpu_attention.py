@@ -23,6 +23,7 @@ import sys
 import torch
 
 from gpu_records import Deadline, Records, rel_err
+from methods import BENCH, tiny_config
 
 VOCAB = 512
 FP32_RTOL = 1e-4
@@ -36,18 +37,18 @@ def tiny_model(method: str, attn: str, dtype, device, seed: int = 1):
     from repbend.loss import RepBendLoss
     from repbend.model import LoraSettings, attach_lora
 
-    cfg = loss_config(method)
+    loss_fn = RepBendLoss(tiny_config(method))
+    full = loss_fn.method.TRAINS == "full"
     torch.manual_seed(seed)
     base = LlamaForCausalLM(tiny_llama_config(VOCAB, layers=3, hidden=128, heads=4, kv_heads=2)).to(device, dtype)
     model = base
-    if method != "rmu":
+    if not full:
         model = attach_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0), layers_to_transform=range(3))
-    loss_fn = RepBendLoss(cfg)
     params = loss_fn.prepare(model)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # LoRA B = 0 (or RMU's untouched copy) would make h' == h: move every trained tensor
         for p in params:
-            p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * (0.05 if method != "rmu" else 0.02))
+            p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * (0.02 if full else 0.05))
     set_attention(model, attn)
     return model.train(), loss_fn, params
 
@@ -55,15 +56,6 @@ def tiny_model(method: str, attn: str, dtype, device, seed: int = 1):
 def set_attention(model, attn: str) -> None:
     from repbend.model import unwrap
     unwrap(model).config._attn_implementation = attn
-
-
-def loss_config(method: str):
-    from repbend.loss import LossConfig
-    if method == "repbend":
-        return LossConfig(target_layers="1-3", eta=0.5)  # every term: safe, unsafe, cos, kl, pair
-    if method == "circuit_breakers":
-        return LossConfig(method="circuit_breakers", target_layers="1,3,2,3", cb_retain_pad_length=64)
-    return LossConfig(method="rmu", rmu_layer=2, rmu_update_layers="0-1")
 
 
 def micro_batch(seed: int = 0):
@@ -148,12 +140,8 @@ def _dn(dt) -> str:
 
 
 def methods_available() -> list[str]:
-    out = ["repbend"]
-    from repbend.methods import REGISTRY
-    for method in ("circuit_breakers", "rmu"):
-        if method in REGISTRY:
-            out.append(method)
-    return out
+    """Every method of the benchmark's registry, the first (RepBend) first."""
+    return list(BENCH)
 
 
 COMPILE_NEED_S = 45  # flex_attention's cold compile (fp32 or bf16, forward and backward): 20-40 s each
@@ -195,9 +183,6 @@ def main(argv=None) -> int:
     deadline = Deadline(a.time_limit)
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is None and not only:
         rec.write("repbend/flash_attention_2/bf16", "skipped", error="flash-attn is not installed")
-    for method in ("circuit_breakers", "rmu"):
-        if method not in methods_available() and not only:
-            rec.write(f"{method}/sdpa/fp32", "skipped", error=f"repbend.loss has no {method} objective yet")
     truths: dict[str, dict] = {}
     bad = 0
     for method, attn, dtype in plan(device):

@@ -24,18 +24,29 @@ import time
 from pathlib import Path
 
 from gpu_records import Deadline, Records
+from methods import BENCH, tiny_config
 
-PLAN = {  # method -> strategies checked against the plain run (rmu: fsdp is refused by the trainer)
-    "repbend": ("ddp", "fsdp"),
-    "circuit_breakers": ("fsdp",),
-    "rmu": ("ddp",),
-}
-LOSS_ARGS = {
-    "repbend": ["--loss.target_layers", "1-3", "--loss.eta", "0.3"],
-    "circuit_breakers": ["--loss.method", "circuit_breakers", "--loss.target_layers", "1,3,2,3",
-                         "--loss.cb_retain_pad_length", "512"],
-    "rmu": ["--loss.method", "rmu", "--loss.rmu_layer", "2", "--loss.rmu_update_layers", "0-1"],
-}
+def _plan() -> dict[str, tuple[str, ...]]:
+    """method -> strategies checked against the plain run: every strategy for the first method (RepBend), the most
+    demanding one each other method supports (fsdp where it can, else ddp) for the rest."""
+    from repbend.loss import RepBendLoss
+
+    out = {}
+    for k, method in enumerate(BENCH):
+        strategies = RepBendLoss(tiny_config(method)).method.STRATEGIES
+        out[method] = tuple(strategies) if k == 0 else (strategies[-1],)
+    return out
+
+
+def _loss_args(method: str) -> list[str]:
+    args = ["--loss.method", method]
+    for key, value in BENCH[method].tiny.items():
+        args += [f"--loss.{key}", str(value)]
+    return args
+
+
+PLAN = _plan()
+LOSS_ARGS = {method: _loss_args(method) for method in BENCH}
 
 
 def assets(root: Path) -> tuple[str, dict]:
@@ -50,9 +61,12 @@ def assets(root: Path) -> tuple[str, dict]:
 def config(model_dir: str, paths: dict, out: Path, method: str, strategy: str, steps: int):
     from repbend import RepBendConfig
 
-    args = ["--model.path", model_dir, "--data.wildguardmix", paths["wildguardmix"],
-            "--data.wildjailbreak", paths["wildjailbreak"], "--data.ultrachat", paths["ultrachat"],
-            "--train.output_dir", str(out), "--train.overwrite", "true", "--train.max_steps", str(steps),
+    from repbend.data.pools import SOURCES
+    from repbend.loss import RepBendLoss
+
+    roles = set(RepBendLoss(tiny_config(method)).data_spec().roles)  # only the files the method reads
+    data = [arg for name, given in SOURCES.items() if set(given) & roles for arg in (f"--data.{name}", paths[name])]
+    args = ["--model.path", model_dir, *data, "--train.output_dir", str(out), "--train.overwrite", "true", "--train.max_steps", str(steps),
             "--train.batch_size", "2", "--train.grad_accum", "1", "--train.lr", "1e-3", "--lora.r", "4",
             "--train.progress", "false", "--train.tensorboard", "false", "--train.save_every", "0",
             "--data.max_response_tokens", "48", "--data.max_retain_tokens", "96",

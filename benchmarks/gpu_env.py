@@ -113,8 +113,11 @@ def main(argv=None) -> int:
         info["repbend_from"] = str(repbend.__file__)
     except Exception:  # noqa: BLE001
         pass
-    info["baselines"] = {m: importlib.util.find_spec(f"repbend.loss.{m}") is not None
-                         for m in ("circuit_breakers", "rmu")}
+    try:
+        from repbend.methods import METHODS
+        info["methods"] = list(METHODS)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"repbend.methods: {type(e).__name__}: {e}")
     triton_problem = c_extension_problem()
     if triton_problem is None and info.get("cuda_available") and not problems:
         triton_problem = launch_problem()

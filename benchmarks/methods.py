@@ -31,6 +31,7 @@ class BenchMethod:
     recipe: Callable[[int, float, float], dict]   # (n_layers, scale, eta) -> the method's loss keys
     reference: Callable                      # (variant, loss_cfg, n_layers, scale) -> a reference step's parts
     mfu: bool = True                         # 6 x non-embedding params per token is its FLOPs (passes run full depth)
+    tiny: dict | None = None                 # its loss keys on the GPU check's 3-layer test model (every term read)
 
 
 # ---------------------------------------------------------------- recipes at n decoder layers
@@ -138,17 +139,28 @@ class DPOReference(ReferenceStep):
 
 BENCH = {
     "repbend": BenchMethod(("repbend", "repbend+padded"), ("reference", "reference+dynpad"), 4,
-                           lambda n, scale, eta: {"target_layers": target_layers(n), "eta": eta}, RepBendReference),
+                           lambda n, scale, eta: {"target_layers": target_layers(n), "eta": eta}, RepBendReference,
+                           tiny={"target_layers": "1-3", "eta": 0.5}),
     "circuit_breakers": BenchMethod(("circuit_breakers",), ("cb_reference",), 4,
                                     lambda n, scale, eta: {"target_layers": cb_layers(n),
                                                            "cb_retain_pad_length": max(2, round(2048 * scale))},
-                                    CBReference),
+                                    CBReference, tiny={"target_layers": "1,3,2,3", "cb_retain_pad_length": 512}),
     "rmu": BenchMethod(("rmu",), ("rmu_reference",), 16,
                        lambda n, scale, eta: {"rmu_layer": rmu_layer(n), "rmu_update_layers": rmu_update_layers(n)},
-                       RMUReferenceStep, mfu=False),
-    "npo": BenchMethod(("npo",), ("npo_reference",), 4, lambda n, scale, eta: {}, NPOReference),
-    "dpo": BenchMethod(("dpo",), ("dpo_reference",), 16, lambda n, scale, eta: {}, DPOReference),
+                       RMUReferenceStep, mfu=False, tiny={"rmu_layer": 2, "rmu_update_layers": "0-1"}),
+    "npo": BenchMethod(("npo",), ("npo_reference",), 4, lambda n, scale, eta: {}, NPOReference, tiny={}),
+    "dpo": BenchMethod(("dpo",), ("dpo_reference",), 16, lambda n, scale, eta: {}, DPOReference, tiny={}),
 }
+
+
+def tiny_config(method: str):
+    """The method's LossConfig on the GPU check's 3-layer test model."""
+    from repbend.loss import LossConfig
+    return LossConfig(method=method, **BENCH[method].tiny)
+
+
+def shipped(variant: str) -> bool:
+    return any(variant in m.variants for m in BENCH.values())
 
 
 def method_of(variant: str) -> str:

@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from methods import shipped as is_shipped
 from step_workload import (LENGTHS, LORA_B_STD, METHOD_OF, MFU_METHODS, MODELS, PACK_LENGTH, REFERENCE_OF, _device,
                            _dtype, adapter_layers, loss_config)
 
@@ -150,7 +151,7 @@ def plot(table: dict, path: Path, title: str) -> bool:
     for ax, key, ratio, label, scale in ((axes[0], "tokens_per_s", "speedup_vs_reference", "useful tokens / s", 1),
                                          (axes[1], "peak_mem_bytes", "mem_vs_reference", "peak memory (GiB)", 2**30)):
         vals = [(table[v][key] or 0) / scale if table[v]["status"] == "ok" else 0 for v in names]
-        shipped = [v in ("repbend", "repbend+padded", "circuit_breakers", "rmu") for v in names]
+        shipped = [is_shipped(v) for v in names]
         bars = ax.bar(names, vals, color=["tab:green" if s else "tab:gray" for s in shipped])
         for b, v in zip(bars, names):
             r = table[v][ratio]

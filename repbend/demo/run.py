@@ -59,6 +59,7 @@ class DemoMethod:
     max_steps: int
     settings: dict = field(default_factory=dict)
     output: str = "adapter"
+    files: str = ""             # the suffix of its summary and generation files ("" for `make demo`'s RepBend)
 
 
 # The baselines on the tiny model (4 decoder layers of 128): their published coefficients where they carry over, the
@@ -73,22 +74,22 @@ DEMO_METHODS = {
                  "cb_progress_scale": 0.5, "cb_retain_pad_length": 256},
         "data": {"max_request_tokens": 128, "max_response_tokens": 128, "max_retain_tokens": 256},
         "train": {"lr": 5e-4},
-    }),
+    }, files="_circuit_breakers"),
     "rmu": DemoMethod("RMU", 150, {
         "loss": {"method": "rmu", "rmu_layer": 2, "rmu_update_layers": "0-1", "rmu_trainable": ["mlp.down_proj.weight"],
                  "rmu_alpha": 10.0, "steering_coeff": 20.0, "rmu_seed": 42},
         "data": {"max_request_tokens": 128, "max_response_tokens": 128, "max_retain_tokens": 256},
         "train": {"lr": 1e-3},
-    }, output="trained weights"),
+    }, output="trained weights", files="_rmu"),
     "npo": DemoMethod("NPO", 150, {
         "loss": {"method": "npo", "npo_beta": 0.1, "npo_alpha": 1.0, "npo_gamma": 0.1, "temperature": 2.0},
         "train": {"lr": 1e-4},
-    }),
+    }, files="_npo"),
     "dpo": DemoMethod("DPO", 150, {
         "loss": {"method": "dpo", "dpo_beta": 0.1},
         "data": {"wildguardmix": None, "ultrachat": None},  # WildJailbreak pairs only
         "train": {"lr": 3e-4},
-    }),
+    }, files="_dpo"),
 }
 METHODS = tuple(DEMO_METHODS)
 NAMES = {k: m.name for k, m in DEMO_METHODS.items()}
@@ -185,7 +186,7 @@ def run_demo(out, *, seed: int = 0, method: str = "repbend", max_steps: int | No
     after = evaluate(model, test, return_records=True)
     records = after.pop("records")
 
-    suffix = "" if method == "repbend" else f"_{method}"
+    suffix = DEMO_METHODS[method].files
     summary = {"method": method, "before": before, "after": after, "steps": result.steps, "stopped": result.stopped,
                "train_seconds": round(train_s, 1), "total_seconds": round(time.perf_counter() - t0, 1),
                "goal": GOAL.describe(), "success": GOAL.met(before, after),
