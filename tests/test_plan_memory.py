@@ -135,3 +135,22 @@ def test_without_autocast_lora_inputs_are_cast_as_before():
     old_loss, old_grads, old_dtypes, _ = _lora_step(cast=True, autocast=False)
     assert dtypes == old_dtypes == {torch.float32}
     assert torch.equal(loss, old_loss)
+
+
+def test_grouped_query_attention_counts_the_flops_of_its_query_heads():
+    """sdpa with fewer KV heads than query heads (Llama-3's layout) is counted as the same attention with the KV heads
+    repeated, forward and backward, on every torch the project supports (2.11's formula refused h_kv < h_q)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 9, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, generator=g, requires_grad=True) for _ in range(2))
+    counts = []
+    for kv in ((k, v), (k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))):
+        meter = StepMeter()
+        with meter, torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(q, *kv, is_causal=True,
+                                                                   enable_gqa=kv[0].shape[1] != 4)
+            out.sum().backward()
+        counts.append({n: f for n, f in meter.flops_by_op.items() if "attention" in n})
+    assert counts[0] == counts[1] and len(counts[0]) == 2, counts
+    fwd, bwd = (counts[0][n] for n in sorted(counts[0]))
+    assert fwd == 4 * 2 * 4 * 9 * 9 * 8 and 2 * bwd == 5 * fwd, counts  # bwd: five matmuls, the scores recomputed

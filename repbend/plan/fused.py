@@ -139,14 +139,23 @@ FUSED = {
 }
 
 
+def _kv_as_query_heads(query_shape, *shapes):
+    """Key/value shapes (b, h_kv, s, d) with the query's head count: grouped-query attention broadcasts each KV head
+    to its query heads, so the FLOPs are those of h_q heads. torch's own formulas accept h_kv < h_q only from 2.13
+    on (2.11 raises), so the shapes are expanded before they reach them."""
+    h = query_shape[1]
+    return [tuple(s[:1]) + (h,) + tuple(s[2:]) for s in shapes]
+
+
 def _sdpa_cpu_fwd(query, key, value, *args, out_val=None, **kwargs):
     from torch.utils.flop_counter import sdpa_flop_count
-    return sdpa_flop_count(query.shape, key.shape, value.shape)
+    return sdpa_flop_count(tuple(query.shape), *_kv_as_query_heads(query.shape, key.shape, value.shape))
 
 
 def _sdpa_cpu_bwd(grad_out, query, key, value, *args, out_val=None, **kwargs):
     from torch.utils.flop_counter import sdpa_backward_flop_count
-    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+    return sdpa_backward_flop_count(tuple(grad_out.shape), tuple(query.shape),
+                                    *_kv_as_query_heads(query.shape, key.shape, value.shape))
 
 
 def extra_flop_formulas() -> dict:
