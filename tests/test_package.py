@@ -60,7 +60,7 @@ def tiny_run(tmp_path_factory):
 
 @pytest.mark.parametrize("where", ["root", "elsewhere"])
 def test_readme_commands_run_from_the_root_and_elsewhere(tiny_run, where):
-    """`python -m repbend` and transformers' Auto classes, whether or not Hugging Face's kernels package is installed
+    """`python -m repbend`, `python examples/...`, `python -m pytest` and transformers' Auto classes, whether or not Hugging Face's kernels package is installed
     (transformers 5.25 requires it, so `make test` has it; `make test-compat`'s transformers 5.17 does not)."""
     root, model_dir, paths = tiny_run
     cwd = ROOT if where == "root" else root
@@ -87,6 +87,18 @@ def test_readme_commands_run_from_the_root_and_elsewhere(tiny_run, where):
     assert p.returncode == 0, p.stdout + p.stderr
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1] and (out / "adapter" / "adapter_config.json").is_file()
+
+    ex_out = root / f"example_{where}"
+    p = _run([str(ROOT / "examples" / "hf_trainer.py"), "--steps", "1", "--output", str(ex_out)], cwd)
+    assert p.returncode == 0 and (ex_out / "adapter").is_dir(), p.stdout + p.stderr
+
+    # `python -m pytest` puts the working directory on sys.path as `python -m repbend` does
+    probe = root / f"test_probe_{where}.py"
+    probe.write_text("import transformers as t\n\n\ndef test_auto_classes():\n"
+                     f"    t.AutoTokenizer.from_pretrained({str(model_dir)!r})\n"
+                     f"    t.AutoModelForCausalLM.from_pretrained({str(model_dir)!r})\n")
+    p = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root), str(probe)], cwd)
+    assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout + p.stderr
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="wheel build check on Linux")
