@@ -323,8 +323,23 @@ def _slug(s: str) -> str:
 from step_report import format_table, jsonl_record, summarize, write_outputs  # noqa: E402
 
 
+def _dtype_name(text: str) -> str:
+    """bf16 | fp32 | auto, also spelled as `repbend train --model.dtype` spells them."""
+    t = str(text).strip().lower()
+    return {"bfloat16": "bf16", "float32": "fp32", "fp32": "fp32", "bf16": "bf16"}.get(t, t)
+
+
+def _on_off(text: str) -> str:
+    """on | off | auto, also as `repbend train --model.gradient_checkpointing` spells them (true / false)."""
+    t = str(text).strip().lower()
+    return "on" if t in ("true", "1", "yes", "on") else "off" if t in ("false", "0", "no", "off") else t
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="repbend bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="repbend bench", allow_abbrev=False, description=__doc__.split("\n\n")[0],
+                                epilog="Settings shared with `repbend train` take its spelling too: --train.batch_size, "
+                                       "--train.seed, --model.dtype, --model.attn_implementation, "
+                                       "--model.gradient_checkpointing, --loss.eta, --lora.dropout.")
     p.add_argument("--model", choices=tuple(MODELS), default="small")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--variants", default=None,
@@ -333,16 +348,18 @@ def parse_args(argv):
     p.add_argument("--output", default="bench_out/step", help="folder for results.json/.csv, table.txt, the PNG")
     p.add_argument("--jsonl", default=None, help="append one JSON line per variant to this file as it ends")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps, at least 1 (default 1 CPU, 2 GPU)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", "--train.batch_size", dest="batch_size", type=int, default=None,
                    help="B rows per set (default 2 CPU; GPU: 4 repbend, 4 circuit_breakers, 16 rmu)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 CPU")
-    p.add_argument("--attn", default="auto", help="auto (flash-attn 2 on GPU when installed, else sdpa) | sdpa | eager")
-    p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--dtype", "--model.dtype", dest="dtype", type=_dtype_name, choices=("auto", "bf16", "fp32"),
+                   default="auto", help="auto: bf16 on GPU, fp32 CPU (bfloat16 and float32 are the same names)")
+    p.add_argument("--attn", "--model.attn_implementation", dest="attn", default="auto", help="auto (flash-attn 2 on GPU when installed, else sdpa) | sdpa | eager")
+    p.add_argument("--gradient-checkpointing", "--model.gradient_checkpointing", dest="gradient_checkpointing",
+                   type=_on_off, choices=("auto", "on", "off"), default="auto",
                    help="auto: on for llama3-8b and mistral-7b (the recipe), off for tiny and small")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--eta", type=float, default=0.0, help="RepBend's L_pair weight (the recipe: 0)")
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--seed", "--train.seed", dest="seed", type=int, default=42)
+    p.add_argument("--eta", "--loss.eta", dest="eta", type=float, default=0.0, help="RepBend's L_pair weight (the recipe: 0)")
+    p.add_argument("--lora-dropout", "--lora.dropout", dest="lora_dropout", type=float, default=0.05)
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS,
                    help="the device's dense bf16 peak for the MFU (default 989: H200)")
     p.add_argument("--loss-rtol", type=float, default=None,

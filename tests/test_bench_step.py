@@ -222,3 +222,17 @@ def test_every_variant_gets_its_plan(tmp_path):
         res["repbend"]["plan_flops_per_token"]
     text = (tmp_path / "table.txt").read_text()
     assert "GFLOP/tok" in text and "plan GiB" in text
+
+
+def test_settings_shared_with_train_take_its_spelling():
+    """`repbend bench` reads `--train.batch_size 3 --model.dtype bfloat16 ...` as `--batch-size 3 --dtype bf16 ...`."""
+    common = ["--device", "cpu", "--methods", "repbend"]
+    dashed = bs.parse_args(common + ["--batch-size", "3", "--dtype", "bf16", "--attn", "eager", "--gradient-checkpointing",
+                                     "off", "--seed", "7", "--eta", "0.5", "--lora-dropout", "0.1"])
+    dotted = bs.parse_args(common + ["--train.batch_size", "3", "--model.dtype", "bfloat16",
+                                     "--model.attn_implementation", "eager", "--model.gradient_checkpointing", "false",
+                                     "--train.seed", "7", "--loss.eta", "0.5", "--lora.dropout", "0.1"])
+    assert vars(dashed) == vars(dotted)
+    assert (dotted.batch_size, dotted.dtype, dotted.gradient_checkpointing, dotted.seed) == (3, "bf16", "off", 7)
+    with pytest.raises(SystemExit):
+        bs.parse_args(common + ["--model.dtype", "float8"])
