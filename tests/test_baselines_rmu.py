@@ -123,6 +123,10 @@ def test_prepare_rejects_bad_settings(caplog):
         RepBendLoss(_cfg(rmu_update_layers="3-5")).prepare(model)
     with pytest.raises(ConfigError, match="rmu_layer"):
         RepBendLoss(_cfg(rmu_layer=6)).prepare(model)
+    for seed in (-1, 2 ** 64):  # torch.Generator would fail at step 1 (negative) or overflow
+        with pytest.raises(ConfigError, match="rmu_seed"):
+            _cfg(rmu_seed=seed)
+    _cfg(rmu_seed=2 ** 64 - 1)
     from repbend.model import LoraSettings, attach_lora
     with pytest.raises(ConfigError, match="plain model"):
         RepBendLoss(_cfg()).prepare(attach_lora(_model()[0], LoraSettings(), [0]))

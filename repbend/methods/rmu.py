@@ -88,7 +88,7 @@ class RMUSettings(Group):
                    "name at least one decoder layer (or be null)")
         self.check(len(self.rmu_trainable) > 0, "rmu_trainable", "name at least one parameter")
         self.check(self.steering_coeff > 0, "steering_coeff", "be positive")
-        self.check(self.rmu_seed >= 0, "rmu_seed", "be >= 0")
+        self.check(0 <= self.rmu_seed <= 2 ** 64 - 1, "rmu_seed", "be in [0, 2**64 - 1] (torch.Generator's seed range)")
 
 
 class RMU(ForgetRetain):
