@@ -17,8 +17,8 @@
 #                                           but flex_attention (its cold compile takes 20-40 s a dtype)
 #   kernels    benchmarks/gpu_kernels.py    rep_distance fwd+bwd bandwidth vs a device copy, calls back to back and
 #                                           the kernels' profiler time (+ bench_kernels.py's)
-#   step       benchmarks/bench_step.py     Llama-3-8B-shaped step: repbend, Circuit Breakers and RMU against their
-#                                           reference re-creations (tokens/s, peak GiB allocated and reserved, MFU,
+#   step       benchmarks/bench_step.py     Llama-3-8B-shaped step: every method of benchmarks/methods.py against its
+#                                           reference re-creation (tokens/s, peak GiB allocated and reserved, MFU,
 #                                           same loss), one worker and one model build per method; beside each
 #                                           measured peak, the plan's prediction
 #   dist       benchmarks/gpu_dist.py       ddp and fsdp training runs under torchrun --nproc_per_node 1
@@ -136,7 +136,7 @@ fi
 STEP_OUT=$OUT_DIR/step
 mkdir -p "$STEP_OUT"
 if [ $DRY = 1 ]; then
-    STEP_VARIANTS=repbend,reference,circuit_breakers,cb_reference,rmu,rmu_reference
+    STEP_VARIANTS=repbend,reference,circuit_breakers,cb_reference,rmu,rmu_reference,npo,npo_reference,dpo,dpo_reference
     PLAN_ARGS="--model tiny --device cpu --scale 0.125 --warmup 1 --steps 1 --variants $STEP_VARIANTS"
 else
     PLAN_ARGS="--model llama3-8b --device cuda --warmup 1 --steps 2"
