@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kernel_timing import Device, _is_oom, copy_bandwidth_gbps, run_case  # this folder is on sys.path
+from kernel_timing import Device, _is_oom, copy_bandwidth_gbps, device_from_args, run_case  # this folder is on sys.path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -330,18 +329,11 @@ def print_bandwidth_goal(rows: list[dict], copy_bw: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.interpret:
-        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a module with @triton.jit kernels
+    device, repeats = device_from_args(args, "bench_kernels")
+    if device is None:
+        print(repeats, file=sys.stderr)
+        return 2
     import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("bench_kernels: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    if device == "cuda" and args.interpret:
-        print("bench_kernels: --interpret is for --device cpu", file=sys.stderr)
-        return 2
-    repeats = args.repeats or max(1, (10 if device == "cuda" else 3) // (2 if args.quick else 1))
     if device == "cpu":
         torch.set_num_threads(args.threads or 1)
     elif args.threads:

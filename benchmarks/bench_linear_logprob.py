@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kernel_timing import Device, _is_oom, run_case  # this folder is on sys.path
+from kernel_timing import Device, _is_oom, device_from_args, run_case  # this folder is on sys.path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -191,23 +191,16 @@ def main(argv=None, reexec: bool = False) -> int:
     """reexec: on the CPU, start again with MALLOC_MMAP_THRESHOLD_ set (the script does; a caller in-process not)."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.interpret:
-        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a module with @triton.jit kernels
+    device, repeats = device_from_args(args, "bench_linear_logprob")
+    if device is None:
+        print(repeats, file=sys.stderr)
+        return 2
     import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("bench_linear_logprob: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    if device == "cuda" and args.interpret:
-        print("bench_linear_logprob: --interpret is for --device cpu", file=sys.stderr)
-        return 2
     if device == "cpu" and reexec:
         _reexec_with_mmap_threshold(argv)
         torch.set_num_threads(args.threads or 1)
     elif args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or max(1, (10 if device == "cuda" else 3) // (2 if args.quick else 1))
     dev = Device(device)
     provs, skipped = providers_for(device, args.interpret, device == "cuda" or args.compile)
 

@@ -16,6 +16,22 @@ import time
 BATCH = 10  # back-to-back calls per timed sample on a GPU
 
 
+def device_from_args(args, prog: str):
+    """The device and repeat count of a kernel benchmark's command line (--device, --interpret, --repeats, --quick),
+    TRITON_INTERPRET set before any kernel module is imported; (None, message) when the flags cannot hold here."""
+    import os
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports a module with @triton.jit kernels
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, f"{prog}: --device cuda but torch sees no CUDA device"
+    if device == "cuda" and args.interpret:
+        return None, f"{prog}: --interpret is for --device cpu"
+    return device, args.repeats or max(1, (10 if device == "cuda" else 3) // (2 if args.quick else 1))
+
+
 class Device:
     def __init__(self, kind: str):
         import torch
