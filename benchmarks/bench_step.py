@@ -35,6 +35,8 @@ line per variant appended to FILE as soon as it ends):
                   host sync in the timed region); step_cpu_s: the same in process CPU time (CPU runs)
   tokens_per_s    median over the timed steps of useful tokens / step time (useful = non-padding tokens of every
                   set; the same for every variant of a method)
+                  (the table adds each variant's speed over its reference from the timed steps' summed times:
+                  with a few steps of unequal length the two can differ)
   peak_mem_bytes  GPU: torch.cuda.max_memory_allocated over the steps after step 0 (which runs without dropout,
                   for the loss check: not a training step's memory), with peak_reserved_bytes and the device's other
                   use beside it; CPU: the process's peak resident set over the same steps (VmHWM, reset via

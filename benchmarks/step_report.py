@@ -119,6 +119,14 @@ def format_table(a, table: dict, tflops: float | None) -> str:
         verdict = "not checked (fewer than two losses)" if len(ok) < 2 else ("OK" if all(ok) else "MISMATCH")
         lines.append(f"loss agreement {m} (the total and each term at step 0, rtol {first['loss_rtol']:g}, against "
                      f"{REFERENCE_OF[m]}): {verdict}")
+    total = {}  # the same micro-batches on both sides: the reference's summed step times over the variant's
+    for v, e in table.items():
+        ref = table.get(e.get("reference") or "", {})
+        if v != e.get("reference") and e.get("step_s_all") and ref.get("step_s_all") and e["status"] == "ok":
+            total[v] = sum(ref["step_s_all"]) / sum(e["step_s_all"])
+    if total:
+        lines.append("x ref over the timed steps' total time (the column's is of the median per-step rate): " + ", ".join(
+            f"{v} {x:.2f}" for v, x in total.items()))
     fast = {v: e["tokens_per_s"] for v, e in table.items() if v.startswith("repbend") and e["tokens_per_s"]}
     if len(fast) > 1:
         lines.append(f"fastest repbend layout: {max(fast, key=fast.get)}")

@@ -153,7 +153,15 @@ def _check_outputs(out: Path, variants):
     assert [r["variant"] for r in rows] == list(res)
     png = out / "step_bench.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "loss agreement" in (out / "table.txt").read_text()
+    text = (out / "table.txt").read_text()
+    assert "loss agreement" in text
+    # the speed over the summed step times of the same micro-batches, beside the median per-step rate
+    want = {v: sum(res[e["reference"]]["step_s_all"]) / sum(e["step_s_all"]) for v, e in res.items()
+            if v != e["reference"] and e["reference"] in res}
+    line = [ln for ln in text.splitlines() if ln.startswith("x ref over the timed steps' total time")]
+    assert len(line) == (1 if want else 0), text
+    got = dict(item.rsplit(" ", 1) for item in line[0].split(": ", 1)[1].split(", ")) if want else {}
+    assert got.keys() == want.keys() and all(abs(float(got[v]) - x) <= 0.006 for v, x in want.items()), (got, want)
     return res
 
 
