@@ -136,7 +136,9 @@ fi
 STEP_OUT=$OUT_DIR/step
 mkdir -p "$STEP_OUT"
 if [ $DRY = 1 ]; then
-    STEP_VARIANTS=repbend,reference,circuit_breakers,cb_reference,rmu,rmu_reference,npo,npo_reference,dpo,dpo_reference
+    # each method of benchmarks/methods.py: its shipped variant and its reference
+    STEP_VARIANTS=$("$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); import methods; print(",".join(v for m in methods.BENCH.values() for v in (m.variants[0], m.references[0])))' "$ROOT/benchmarks") \
+        || { echo "=== cannot read the methods of benchmarks/methods.py" >&2; exit 1; }
     PLAN_ARGS="--model tiny --device cpu --scale 0.125 --warmup 1 --steps 1 --variants $STEP_VARIANTS"
 else
     PLAN_ARGS="--model llama3-8b --device cuda --warmup 1 --steps 2"
