@@ -34,14 +34,13 @@ Writes DIR/bench_kernels.csv (one row per op, shape, provider, mode) and prints 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-from kernel_timing import Device, _is_oom, copy_bandwidth_gbps, device_from_args, run_case  # this folder is on sys.path
+from kernel_timing import (Device, _is_oom, copy_bandwidth_gbps, device_from_args,  # this folder is on sys.path
+                           run_case, write_csv)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -390,13 +389,7 @@ def main(argv=None) -> int:
             del cases
             dev.clean()
 
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_csv = out_dir / "bench_kernels.csv"
-    with open(out_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    out_csv = write_csv(args.output, "bench_kernels.csv", CSV_FIELDS, rows)
     print()
     print_table(rows)
     print_bandwidth_goal(rows, copy_bw)

@@ -25,15 +25,13 @@ Writes DIR/bench_linear_logprob.csv (one row per shape, provider, mode) and prin
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-from kernel_timing import Device, _is_oom, device_from_args, run_case  # this folder is on sys.path
+from kernel_timing import Device, _is_oom, device_from_args, run_case, write_csv  # this folder is on sys.path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -237,13 +235,7 @@ def main(argv=None, reexec: bool = False) -> int:
         del cases, want
         dev.clean()
 
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_csv = out_dir / "bench_linear_logprob.csv"
-    with open(out_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    out_csv = write_csv(args.output, "bench_linear_logprob.csv", CSV_FIELDS, rows)
     print()
     print_table(rows)
     for s in skipped:

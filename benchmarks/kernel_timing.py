@@ -32,6 +32,20 @@ def device_from_args(args, prog: str):
     return device, args.repeats or max(1, (10 if device == "cuda" else 3) // (2 if args.quick else 1))
 
 
+def write_csv(out_dir, name: str, fields, rows) -> "Path":
+    """rows (dicts) as OUT_DIR/NAME with the header `fields`; the folder is made if missing. Returns the path."""
+    import csv
+    from pathlib import Path
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 class Device:
     def __init__(self, kind: str):
         import torch

@@ -189,10 +189,13 @@ def verdict(s: Setup, v, gpu_mem: float, log=None) -> Verdict:
     return out
 
 
+EVERY_METHOD = "all"  # --method all: not a method's name, the word for every method of the step benchmark
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     log = None if a.json else (lambda m: print(f"[plan] {m}", file=sys.stderr, flush=True))
-    if a.method == "all":
+    if a.method == EVERY_METHOD:
         sw, _ = workload.bench_modules()
         reports, skipped = [], {}
         for m in sw.METHODS:
