@@ -37,5 +37,5 @@ setup(
         "wandb": ["wandb"],
         "hf": ["accelerate>=1.1.0"],
     },
-    entry_points={"console_scripts": ["repbend = repbend.cli:main"]},
+    entry_points={"console_scripts": ["repbend = repbend.cli:console_main"]},
 )

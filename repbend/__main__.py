@@ -5,6 +5,6 @@ if sys.argv[1:2] == ["demo"]:
     # the demo's tiny model on a small shared CPU: OpenMP threads that spin while waiting stall every step
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .cli import main  # noqa: E402
+from .cli import console_main  # noqa: E402
 
-sys.exit(main())
+console_main()

@@ -1,6 +1,7 @@
 """The `repbend` command: train | demo | eval | logit-lens | rep-shift | bench | plan | recipes."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -70,6 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def console_main() -> None:
+    """The process entry point (the `repbend` command, `python -m repbend`): run `main`, exit with its code.
+
+    A torchrun rank whose run ended and left its process group exits with `os._exit` once its output is flushed:
+    everything the run writes is closed by then, and torch can keep the group's backend, with its threads, alive
+    until the interpreter's C++ teardown (on torch 2.11, FSDP2's strategy caches hold it), where gloo now and then
+    aborts a finished rank (SIGABRT, "terminate called without an active exception") and torchrun fails the job."""
+    code = main()
+    dist = sys.modules.get("repbend.distributed")
+    if dist is not None and dist.left_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 def user_errors() -> tuple[type, ...]:
     """The exception classes that mean "the user can fix this": printed as one line, exit code 2."""
     from .data.errors import DataError
@@ -119,6 +137,9 @@ def _train(argv: list[str]) -> int:
         return 0
     from .trainer import train
     result = train(cfg)
+    # the model sits in reference cycles (PEFT, FSDP2): free it now, and under torchrun the process group it holds
+    # (and the backend's threads) with it, before the interpreter's teardown (repbend.distributed._release_meshes)
+    gc.collect()
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"adapter: {result.adapter_dir}\nlog: {result.output_dir}/log.jsonl"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from .model import backbone, lm_head, resolve_device, unwrap
 
 log = logging.getLogger("repbend")
 
+_GROUP_LEFT = False  # this process created a process group and destroyed it at the end of a run (`left_group`)
 BUCKET_NUMEL = 1 << 25  # values per gradient all-reduce (128 MiB in fp32)
 DEFAULT_TIMEOUT_S = 900
 
@@ -270,11 +272,21 @@ class DistState:
     def shutdown(self) -> None:
         """Leave the process group this process created (a caller's own group is left alone)."""
         if self.owns_group and tdist.is_initialized():
+            if self.sharded:
+                _release_meshes()
             tdist.destroy_process_group()
             self.owns_group = False
+            global _GROUP_LEFT
+            _GROUP_LEFT = True
 
     def _comm_device(self):
         return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def left_group() -> bool:
+    """Whether a run in this process joined a process group of its own and left it when it ended (the CLI's
+    process entry then exits without the interpreter's teardown: `repbend.cli.console_main`)."""
+    return _GROUP_LEFT
 
 
 def _gather_trainable(model) -> dict[str, torch.Tensor]:
@@ -300,6 +312,44 @@ def _fault_hook(rank: int) -> tuple[int | None, str]:
     return int(at), kind
 
 
+def _bind_world_defaults() -> None:
+    """Import the torch modules whose functions take `group=group.WORLD` as a default argument before the process
+    group exists, so that the default they bind is None and not the group. Imported later (transformers and FSDP
+    import `torch.distributed.nn.functional` on the way), they keep the default group alive past
+    `destroy_process_group`: its backend and threads then live on into the interpreter's C++ teardown, where gloo
+    now and then aborts a rank that has finished ("terminate called without an active exception", SIGABRT) and
+    torchrun reports the whole job as failed. tests/test_distributed.py checks that the group is gone."""
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:  # pragma: no cover - a torch without it: nothing binds the group
+        pass
+
+
+def _release_meshes() -> None:
+    """DTensor's caches (sharding strategies and propagation, redistribution plans) keep every device mesh they saw,
+    and with it the process group: empty them before `destroy_process_group` (`_bind_world_defaults` says why a
+    group that outlives it matters). Which caches exist changes between torch releases, so every functools cache of
+    `torch.distributed` is emptied, and the two that are not functools caches by name where they exist (a cache
+    costs only its next first call). tests/test_distributed.py checks that the group is gone."""
+    import functools
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():  # isinstance() on torch's deprecated aliases warns
+        warnings.simplefilter("ignore")
+        caches = [obj for obj in gc.get_objects() if isinstance(obj, functools._lru_cache_wrapper)
+                  and str(getattr(obj, "__module__", "")).startswith("torch.distributed.")]
+    for cache in caches:
+        cache.cache_clear()
+    for module, name in (("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+                         ("torch._C", "_clear_DTensor_sharding_propagator_cache")):
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        fn()
+
+
 def init_distributed(cfg, device: str = "auto") -> DistState:
     """Join the torchrun process group when WORLD_SIZE > 1; pick this rank's device (cuda:LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -314,6 +364,7 @@ def init_distributed(cfg, device: str = "auto") -> DistState:
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
     owns = not tdist.is_initialized()
     if owns:
+        _bind_world_defaults()
         seconds = int(os.environ.get("REPBEND_DIST_TIMEOUT", getattr(cfg, "timeout_s", None) or DEFAULT_TIMEOUT_S))
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds), **kwargs)
