@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as tdist
 
+    from repbend.distributed import bind_world_defaults, leave_process_group
+
     rec = Records(a.jsonl, "dist")
     deadline = Deadline(a.time_limit)
     if "WORLD_SIZE" not in os.environ:
@@ -170,6 +172,7 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.set_device(device)
     t0 = time.perf_counter()
+    bind_world_defaults()
     tdist.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
     rec.write("process_group", "ok", backend=tdist.get_backend(), world_size=tdist.get_world_size(),
               init_s=time.perf_counter() - t0, device=str(device))
@@ -200,10 +203,14 @@ def main(argv=None) -> int:
                     line = rec.error(name, e)
                 bad += line["status"] != "ok"
     finally:
-        tdist.destroy_process_group()
+        leave_process_group()
     print(f"dist: {'OK' if not bad else f'{bad} run(s) not ok'}")
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from repbend.distributed import exit_now, left_group
+    if left_group():  # the group left, the records written: no interpreter teardown (exit_now says why)
+        exit_now(code)
+    sys.exit(code)

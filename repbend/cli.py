@@ -72,19 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    """The process entry point (the `repbend` command, `python -m repbend`): run `main`, exit with its code.
-
-    A torchrun rank whose run ended and left its process group exits with `os._exit` once its output is flushed:
-    everything the run writes is closed by then, and torch can keep the group's backend, with its threads, alive
-    until the interpreter's C++ teardown (on torch 2.11, FSDP2's strategy caches hold it), where gloo now and then
-    aborts a finished rank (SIGABRT, "terminate called without an active exception") and torchrun fails the job."""
+    """The process entry point (the `repbend` command, `python -m repbend`): run `main`, exit with its code; a
+    torchrun rank whose run ended and left its process group exits without the interpreter's teardown
+    (`repbend.distributed.exit_now` says why)."""
     code = main()
     dist = sys.modules.get("repbend.distributed")
     if dist is not None and dist.left_group():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
+        dist.exit_now(code)
     sys.exit(code)
 
 
@@ -138,7 +132,7 @@ def _train(argv: list[str]) -> int:
     from .trainer import train
     result = train(cfg)
     # the model sits in reference cycles (PEFT, FSDP2): free it now, and under torchrun the process group it holds
-    # (and the backend's threads) with it, before the interpreter's teardown (repbend.distributed._release_meshes)
+    # (and the backend's threads) with it, before the interpreter's teardown (repbend.distributed)
     gc.collect()
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

@@ -49,7 +49,7 @@ from .model import backbone, lm_head, resolve_device, unwrap
 
 log = logging.getLogger("repbend")
 
-_GROUP_LEFT = False  # this process created a process group and destroyed it at the end of a run (`left_group`)
+_GROUP_LEFT = False  # this process left a process group with `leave_process_group` (`left_group`)
 BUCKET_NUMEL = 1 << 25  # values per gradient all-reduce (128 MiB in fp32)
 DEFAULT_TIMEOUT_S = 900
 
@@ -272,21 +272,39 @@ class DistState:
     def shutdown(self) -> None:
         """Leave the process group this process created (a caller's own group is left alone)."""
         if self.owns_group and tdist.is_initialized():
-            if self.sharded:
-                _release_meshes()
-            tdist.destroy_process_group()
+            leave_process_group()
             self.owns_group = False
-            global _GROUP_LEFT
-            _GROUP_LEFT = True
 
     def _comm_device(self):
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
 def left_group() -> bool:
-    """Whether a run in this process joined a process group of its own and left it when it ended (the CLI's
-    process entry then exits without the interpreter's teardown: `repbend.cli.console_main`)."""
+    """Whether this process left a process group with `leave_process_group` (a run that joined one of its own does
+    when it ends; the CLI's process entry then exits without the interpreter's teardown: `exit_now`)."""
     return _GROUP_LEFT
+
+
+def leave_process_group() -> None:
+    """`destroy_process_group`, after emptying the DTensor caches that would keep the group alive past it."""
+    global _GROUP_LEFT
+    _release_meshes()
+    tdist.destroy_process_group()
+    _GROUP_LEFT = True
+
+
+def exit_now(code: int) -> None:
+    """End this process with `code` once its output is flushed, without the interpreter's teardown: for a process
+    that has left its process group (`left_group`) and closed what it wrote. torch can keep the group's backend and
+    its threads alive until the C++ teardown (on torch 2.11, an FSDP2 strategy cache that `_release_meshes` does not
+    reach holds it), where gloo now and then aborts a finished rank (SIGABRT, "terminate called without an active
+    exception") and torchrun fails the whole job."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def _gather_trainable(model) -> dict[str, torch.Tensor]:
@@ -312,9 +330,9 @@ def _fault_hook(rank: int) -> tuple[int | None, str]:
     return int(at), kind
 
 
-def _bind_world_defaults() -> None:
-    """Import the torch modules whose functions take `group=group.WORLD` as a default argument before the process
-    group exists, so that the default they bind is None and not the group. Imported later (transformers and FSDP
+def bind_world_defaults() -> None:
+    """Call before `init_process_group`. Imports the torch modules whose functions take `group=group.WORLD` as a
+    default argument before the process group exists, so that the default they bind is None and not the group. Imported later (transformers and FSDP
     import `torch.distributed.nn.functional` on the way), they keep the default group alive past
     `destroy_process_group`: its backend and threads then live on into the interpreter's C++ teardown, where gloo
     now and then aborts a rank that has finished ("terminate called without an active exception", SIGABRT) and
@@ -327,7 +345,7 @@ def _bind_world_defaults() -> None:
 
 def _release_meshes() -> None:
     """DTensor's caches (sharding strategies and propagation, redistribution plans) keep every device mesh they saw,
-    and with it the process group: empty them before `destroy_process_group` (`_bind_world_defaults` says why a
+    and with it the process group: empty them before `destroy_process_group` (`bind_world_defaults` says why a
     group that outlives it matters). Which caches exist changes between torch releases, so every functools cache of
     `torch.distributed` is emptied, and the two that are not functools caches by name where they exist (a cache
     costs only its next first call). tests/test_distributed.py checks that the group is gone."""
@@ -364,7 +382,7 @@ def init_distributed(cfg, device: str = "auto") -> DistState:
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
     owns = not tdist.is_initialized()
     if owns:
-        _bind_world_defaults()
+        bind_world_defaults()
         seconds = int(os.environ.get("REPBEND_DIST_TIMEOUT", getattr(cfg, "timeout_s", None) or DEFAULT_TIMEOUT_S))
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds), **kwargs)

@@ -235,7 +235,7 @@ def test_fsdp_resume_after_the_crash_gives_the_uninterrupted_run(runs):
 def test_a_finished_rank_has_left_its_process_group(runs):
     """When `main` returns, the group's backend is gone with its threads: nothing of it is left for the interpreter's
     C++ teardown, where a live gloo group now and then aborts a finished rank (SIGABRT) and fails the job. Without
-    `repbend.distributed._bind_world_defaults`, `_release_meshes` and the CLI's gc.collect(), torch kept it alive
+    `repbend.distributed.bind_world_defaults`, `_release_meshes` and the CLI's gc.collect(), torch kept it alive
     (both strategies). On torch < 2.13 an FSDP2 strategy cache still holds it; `repbend.cli.console_main` covers
     that by leaving with os._exit, which this probe (it calls `main`) does not use."""
     for name in ("ddp", "fsdp"):
@@ -264,7 +264,7 @@ def test_console_main_leaves_a_finished_rank_without_the_teardown(monkeypatch, c
         ended.append((code, capsys.readouterr().out))  # what was printed had reached the stream
         raise Exited
 
-    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(rd.os, "_exit", fake_exit)
     monkeypatch.setattr(cli, "main", lambda: print("adapter: somewhere") or 3)
     monkeypatch.setattr(rd, "_GROUP_LEFT", True)
     with pytest.raises(Exited):
