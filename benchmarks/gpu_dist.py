@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -210,7 +209,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    from repbend.distributed import exit_now, left_group
-    if left_group():  # the group left, the records written: no interpreter teardown (exit_now says why)
-        exit_now(code)
-    sys.exit(code)
+    from repbend.distributed import end_process
+    end_process(code)  # the group left and the records written: without the interpreter's teardown

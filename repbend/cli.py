@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> None:
     """The process entry point (the `repbend` command, `python -m repbend`): run `main`, exit with its code; a
     torchrun rank whose run ended and left its process group exits without the interpreter's teardown
-    (`repbend.distributed.exit_now` says why)."""
+    (`repbend.distributed.end_process` says why)."""
     code = main()
-    dist = sys.modules.get("repbend.distributed")
-    if dist is not None and dist.left_group():
-        dist.exit_now(code)
-    sys.exit(code)
+    dist = sys.modules.get("repbend.distributed")  # not imported (nor torch) by the commands that run no training
+    if dist is None:
+        sys.exit(code)
+    dist.end_process(code)
 
 
 def user_errors() -> tuple[type, ...]:

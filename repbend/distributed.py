@@ -40,7 +40,9 @@ import datetime
 import importlib
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 import torch.distributed as tdist
@@ -281,7 +283,7 @@ class DistState:
 
 def left_group() -> bool:
     """Whether this process left a process group with `leave_process_group` (a run that joined one of its own does
-    when it ends; the CLI's process entry then exits without the interpreter's teardown: `exit_now`)."""
+    when it ends; `end_process` then exits without the interpreter's teardown)."""
     return _GROUP_LEFT
 
 
@@ -293,18 +295,18 @@ def leave_process_group() -> None:
     _GROUP_LEFT = True
 
 
-def exit_now(code: int) -> None:
-    """End this process with `code` once its output is flushed, without the interpreter's teardown: for a process
-    that has left its process group (`left_group`) and closed what it wrote. torch can keep the group's backend and
-    its threads alive until the C++ teardown (on torch 2.11, an FSDP2 strategy cache that `_release_meshes` does not
-    reach holds it), where gloo now and then aborts a finished rank (SIGABRT, "terminate called without an active
-    exception") and torchrun fails the whole job."""
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+def end_process(code: int) -> NoReturn:
+    """`sys.exit(code)`; a process that has left its process group (`left_group`), with everything it wrote closed,
+    ends with `os._exit(code)` once its output is flushed, without the interpreter's teardown. torch can keep the
+    group's backend and its threads alive until the C++ teardown (on torch 2.11, an FSDP2 strategy cache that
+    `_release_meshes` does not reach holds it), where gloo now and then aborts a finished rank (SIGABRT, "terminate
+    called without an active exception") and torchrun fails the whole job."""
+    if _GROUP_LEFT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _gather_trainable(model) -> dict[str, torch.Tensor]:
